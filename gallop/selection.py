@@ -1,0 +1,212 @@
+"""Which weights are eligible, and the Selection: parameter name -> sorted flat indices of the trainable entries."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Iterator, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+import gallop_kernels
+
+from .config import GallopConfig, ModulePattern
+
+
+def _is_default_target(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2's projections) is matched by name, so gallop imports transformers only lazily.
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D"
+                                             and type(module).__module__.startswith("transformers"))
+
+
+def _matches(name: str, pattern: ModulePattern) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == s or name.endswith("." + s) for s in pattern)
+
+
+def eligible_parameters(model: nn.Module, config: Optional[GallopConfig] = None) -> "OrderedDict[str, nn.Parameter]":
+    """The weights GaLLoP may select from, in ``model.named_parameters()`` order (shared weights once).
+
+    Default: the ``weight`` of every ``nn.Linear`` (and transformers ``Conv1D``) except the output head
+    (``model.get_output_embeddings()``, and anything tied to it). With ``config.target_modules``: the ``weight``
+    of every module whose name matches (suffix list or regex), whatever its type. ``exclude_modules`` removes.
+    """
+    config = config or GallopConfig()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = getattr(head, "weight", None) if head is not None else None
+    wanted: set[int] = set()
+    for mname, module in model.named_modules():
+        w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+            continue
+        if config.target_modules is None:
+            if not _is_default_target(module) or module is head or w is head_weight:
+                continue
+        elif not _matches(mname, config.target_modules):
+            continue
+        if config.exclude_modules is not None and _matches(mname, config.exclude_modules):
+            continue
+        wanted.add(id(w))
+    out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
+    for pname, p in model.named_parameters():  # yields each shared parameter once, under its first name
+        if id(p) in wanted:
+            out[pname] = p
+    if not out:
+        raise ValueError(
+            "no eligible weights: target_modules/exclude_modules matched no module with a floating weight "
+            f"(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}); "
+            "check the module names with model.named_modules()")
+    return out
+
+
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def layer_of(name: str) -> Optional[int]:
+    """The block number in a parameter name (``model.layers.3.mlp.up_proj.weight`` -> 3), or None."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def module_type_of(name: str) -> str:
+    """The module's own name (``model.layers.3.mlp.up_proj.weight`` -> ``up_proj``)."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
+class Selection(Mapping[str, torch.Tensor]):
+    """The result of GaLLoP selection: parameter name -> sorted unique flat indices of its selected entries.
+
+    Only tensors with at least one selected entry are keys; ``shapes`` holds every eligible tensor's shape.
+    """
+
+    def __init__(self, indices: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+                 config: GallopConfig) -> None:
+        self._indices = OrderedDict((n, i) for n, i in indices.items() if i.numel() > 0)
+        self.shapes = OrderedDict((n, tuple(s)) for n, s in shapes.items())
+        self.config = config
+        unknown = [n for n in self._indices if n not in self.shapes]
+        if unknown:
+            raise ValueError(f"indices given for tensors without a shape: {unknown[:3]}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._indices[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    @property
+    def num_selected(self) -> int:
+        """k: the number of selected entries over all tensors."""
+        return sum(int(i.numel()) for i in self._indices.values())
+
+    @property
+    def num_eligible(self) -> int:
+        """The number of entries of all eligible tensors."""
+        return sum(_numel(s) for s in self.shapes.values())
+
+    @property
+    def density(self) -> float:
+        return self.num_selected / max(1, self.num_eligible)
+
+    def to(self, device: Union[str, torch.device]) -> "Selection":
+        return Selection({n: i.to(device) for n, i in self._indices.items()}, self.shapes, self.config)
+
+    def overlap(self, other: "Selection") -> float:
+        """|self ∩ other| / |self|: the fraction of this selection's entries that ``other`` also selects."""
+        common = 0
+        for name, idx in self._indices.items():
+            if name in other:
+                a, b = idx.long().cpu(), other[name].long().cpu()
+                common += int(torch.isin(a, b, assume_unique=True).sum())
+        return common / max(1, self.num_selected)
+
+    def fraction_by(self, key: str = "module") -> "OrderedDict[str, tuple[int, int]]":
+        """Selected and eligible counts grouped by ``module`` type (q_proj, ...) or by ``layer`` number."""
+        groups: "OrderedDict[str, list[int]]" = OrderedDict()
+        for name, shape in self.shapes.items():
+            if key == "module":
+                g = module_type_of(name)
+            elif key == "layer":
+                layer = layer_of(name)
+                g = "-" if layer is None else str(layer)
+            else:
+                raise ValueError(f"key must be 'module' or 'layer', got {key!r}")
+            sel = int(self._indices[name].numel()) if name in self._indices else 0
+            acc = groups.setdefault(g, [0, 0])
+            acc[0] += sel
+            acc[1] += _numel(shape)
+        return OrderedDict((g, (s, e)) for g, (s, e) in groups.items())
+
+    def __repr__(self) -> str:
+        return (f"Selection(scorer={self.config.scorer!r}, budget={self.config.budget!r}, "
+                f"{self.num_selected:,} of {self.num_eligible:,} entries ({100 * self.density:.3f}%) "
+                f"in {len(self)} of {len(self.shapes)} tensors)")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def select(model: nn.Module, grads: Optional[Mapping[str, torch.Tensor]],
+           config: Optional[GallopConfig] = None) -> Selection:
+    """Select the entries to fine-tune: the top ``density`` fraction of scores over the eligible weights.
+
+    Args:
+        model: the pretrained model (its weights are read, never written).
+        grads: parameter name -> mean gradient (from ``mean_gradients``), shaped like the weight; may be ``None``
+            for the ``magnitude`` and ``random`` scorers.
+        config: the GallopConfig (default: 1% with the GaLLoP score and a global budget).
+
+    Returns:
+        A Selection with exactly ``k = round(density * eligible)`` entries for the global budget; with the
+        ``per_tensor`` budget every tensor gets ``round(density * numel)``.
+    """
+    config = config or GallopConfig()
+    eligible = eligible_parameters(model, config)
+    names = list(eligible)
+    weights = [eligible[n].detach() for n in names]
+    total = sum(w.numel() for w in weights)
+    k = round(config.density * total)
+    if k < 1:
+        raise ValueError(f"density={config.density} selects 0 of the {total:,} eligible entries; "
+                         f"use density >= {1 / total:.3g}")
+    g_list = None
+    if config.uses_gradients:
+        if grads is None:
+            raise ValueError(f"grads is None but scorer {config.scorer!r} needs gradients: pass "
+                             f"mean_gradients(model, batches, config), or use scorer='magnitude' or 'random'")
+        missing = [n for n in names if n not in grads]
+        if missing:
+            raise ValueError(f"grads lacks {len(missing)} eligible weights, e.g. {missing[:3]}; compute them with "
+                             f"the same config: mean_gradients(model, batches, config)")
+        g_list = [grads[n] for n in names]
+        for n, g, w in zip(names, g_list, weights):
+            if tuple(g.shape) != tuple(w.shape):
+                raise ValueError(f"grads[{n!r}] has shape {tuple(g.shape)} but the weight has {tuple(w.shape)}")
+            if g.device != w.device:
+                raise ValueError(f"grads[{n!r}] is on {g.device} but the weight is on {w.device}")
+    if config.budget == "global":
+        idx = gallop_kernels.select_topk(g_list, weights, k, scorer=config.scorer, eps=config.eps,
+                                         seed=config.seed)
+    else:
+        idx = []
+        for pos, w in enumerate(weights):
+            k_t = round(config.density * w.numel())
+            if k_t == 0:
+                idx.append(torch.empty(0, dtype=torch.int32, device=w.device))
+                continue
+            g_t = None if g_list is None else [g_list[pos]]
+            # a distinct random stream per tensor (each call sees its tensor at position 0)
+            idx.append(gallop_kernels.select_topk(g_t, [w], k_t, scorer=config.scorer, eps=config.eps,
+                                                  seed=config.seed * 1_000_003 + pos)[0])
+    return Selection(OrderedDict(zip(names, idx)), OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights)),
+                     config)

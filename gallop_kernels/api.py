@@ -1,0 +1,122 @@
+"""The public functional API of gallop_kernels: validate, then dispatch to the Triton or reference backend.
+
+Every function here validates its arguments first (without a device sync) and raises ``ValueError`` or
+``TypeError`` naming the offending argument, leaving every tensor untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _checks
+from ._backend import implementation
+
+
+def select_topk(grads: Optional[Sequence[Optional[torch.Tensor]]], weights: Sequence[torch.Tensor], k: int, *,
+                scorer: str = "gallop", eps: float = 1e-8, seed: int = 0) -> list[torch.Tensor]:
+    """Exact global top-k selection over a list of tensors, by score, without materializing the scores.
+
+    Args:
+        grads: ``T`` tensors (any float dtype) pairwise shaped like ``weights``, or ``None`` for the scorers
+            that do not read gradients (``magnitude``, ``random``).
+        weights: ``T`` tensors of any shape and float dtype, all on one device.
+        k: how many elements to select over all tensors together, ``1 <= k <= sum(w.numel())``.
+        scorer: the score of element ``i`` (always computed in fp32; larger is selected first):
+            ``gallop`` ``|g_i| / (|w_i| + eps)`` · ``gradient`` ``|g_i|`` · ``magnitude`` ``-|w_i|`` (smallest
+            weights first) · ``product`` ``|g_i * w_i|`` · ``random`` a counter-based hash of
+            ``(seed, tensor position, flat index)``, identical on every backend.
+        eps: the ``gallop`` scorer's stabilizer (>= 0).
+        seed: the ``random`` scorer's seed.
+
+    Returns:
+        ``T`` 1-D tensors on the weights' device: the selected flat indices of each tensor, sorted ascending and
+        unique; int32 for tensors with fewer than ``2**31`` elements, else int64. Exactly ``k`` indices in total.
+        Ties at the threshold go to the lower ``(tensor position, flat index)``, so the result is a pure function
+        of the inputs, identical on every backend.
+
+    Raises:
+        ValueError / TypeError: bad arguments, or a NaN / Inf score (names the tensor position).
+    """
+    grads, weights = _checks.check_select_args(grads, weights, k, scorer, eps, seed)
+    return implementation("select_topk", weights[0].device)(grads, weights, k, scorer=scorer, eps=float(eps),
+                                                            seed=seed)
+
+
+def sparse_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                  step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                  weight_decay: float = 0.0) -> None:
+    """One AdamW step over compressed (flat) buffers, in place, with exactly ``torch.optim.AdamW``'s math.
+
+    All four tensors are 1-D, contiguous, fp32, of one length ``K`` (the selected entries). With
+    ``bc1 = 1 - beta1**step`` and ``bc2 = 1 - beta2**step``::
+
+        param      *= 1 - lr * weight_decay                      (decoupled decay, toward 0)
+        exp_avg     = exp_avg + (1 - beta1) * (grad - exp_avg)
+        exp_avg_sq  = beta2 * exp_avg_sq + (1 - beta2) * grad**2
+        param      -= (lr / bc1) * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
+
+    (amsgrad=False, maximize=False). ``step`` is the 1-based step count of this update.
+    """
+    _checks.check_adamw_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    implementation("sparse_adamw_", param.device)(param, grad, exp_avg, exp_avg_sq, step=step, lr=float(lr),
+                                                  beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                                                  weight_decay=float(weight_decay))
+
+
+def gather(src: torch.Tensor, indices: torch.Tensor, *, out: Optional[torch.Tensor] = None,
+           accumulate: bool = False) -> torch.Tensor:
+    """``out = fp32(src.reshape(-1)[indices])`` (or ``out += ...`` with ``accumulate=True``).
+
+    Args:
+        src: any shape, any float dtype.
+        indices: 1-D int32/int64 flat indices into ``src``, each in ``[0, src.numel())``.
+        out: optional 1-D contiguous fp32 tensor of ``len(indices)``; allocated when ``None``.
+        accumulate: add into ``out`` instead of overwriting it.
+
+    Returns:
+        ``out`` (fp32, shape ``[len(indices)]``).
+    """
+    _checks.check_gather_args(src, indices, out)
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs an out tensor to add into; pass out=...")
+    return implementation("gather", src.device)(src, indices, out=out, accumulate=accumulate)
+
+
+def scatter_(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *,
+             base: Optional[torch.Tensor] = None) -> None:
+    """``dst.view(-1)[indices] = cast(base + values)``, or ``cast(values)`` without ``base``, in place.
+
+    Args:
+        dst: contiguous, any shape, any float dtype (the weight).
+        indices: 1-D int32/int64 flat indices into ``dst``, unique, each in ``[0, dst.numel())``.
+        values: 1-D contiguous fp32 of ``len(indices)`` (the fp32 delta).
+        base: optional 1-D of ``len(indices)``, any float dtype (the exact pretrained values).
+            The sum is computed in fp32 and rounded once to ``dst.dtype`` (round to nearest even).
+    """
+    _checks.check_scatter_args(dst, indices, values, base)
+    implementation("scatter_", dst.device)(dst, indices, values, base=base)
+
+
+def sparse_adamw_step_(weight: torch.Tensor, weight_grad: torch.Tensor, indices: torch.Tensor,
+                       base: torch.Tensor, delta: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                       *, step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                       weight_decay: float = 0.0) -> None:
+    """Fused optimizer step for one weight tensor: gather, AdamW, write-back.
+
+    ``grad = fp32(weight_grad.view(-1)[indices])``; ``sparse_adamw_(delta, grad, exp_avg, exp_avg_sq, ...)``;
+    ``weight.view(-1)[indices] = cast(base + delta)``. ``weight`` and ``weight_grad`` share one shape (any float
+    dtype, contiguous); ``indices`` is 1-D int32/int64 of length ``K``; ``base`` 1-D of length ``K`` (any float
+    dtype); ``delta``, ``exp_avg``, ``exp_avg_sq`` 1-D contiguous fp32 of length ``K``.
+    """
+    _checks.check_float(weight_grad, "weight_grad")
+    if weight_grad.shape != weight.shape:
+        raise ValueError(f"weight_grad has shape {tuple(weight_grad.shape)} but weight has shape "
+                         f"{tuple(weight.shape)}")
+    _checks.check_scatter_args(weight, indices, delta, base)
+    _checks.check_adamw_args(delta, delta, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    _checks.check_same_device([("weight", weight), ("weight_grad", weight_grad), ("exp_avg", exp_avg)])
+    implementation("sparse_adamw_step_", weight.device)(
+        weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, step=step, lr=float(lr),
+        beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay))

@@ -1,0 +1,242 @@
+"""select_topk against the brute-force oracle, on both backends: odd shapes, ties, adversarial values, dtypes."""
+
+import pytest
+import torch
+
+import gallop_kernels as gk
+from gallop_kernels import reference
+
+from .oracle import brute_force_topk
+
+SCORERS = ["gallop", "gradient", "magnitude", "product", "random"]
+SHAPES = [(3, 5), (7,), (1,), (13, 11), (0,), (4, 1, 3), (33,)]
+
+
+def _data(kind, shapes, dtype, gen):
+    if kind == "normal":
+        ws = [torch.randn(s, generator=gen) for s in shapes]
+        gs = [torch.randn(s, generator=gen) for s in shapes]
+    elif kind == "quantized":  # heavy ties
+        ws = [torch.randint(-2, 3, s, generator=gen).float() for s in shapes]
+        gs = [torch.randint(-2, 3, s, generator=gen).float() for s in shapes]
+    elif kind == "constant":  # every score equal
+        ws = [torch.full(s, 0.5) for s in shapes]
+        gs = [torch.full(s, -0.25) for s in shapes]
+    elif kind == "zeros_and_extremes":
+        # magnitudes from 1e-15 to 1e15 (gradients 1e-10 to 1e10): every scorer stays finite in fp32
+        ws = [torch.randn(s, generator=gen) * 10 ** torch.randint(-15, 16, s, generator=gen).float() for s in shapes]
+        gs = [torch.randn(s, generator=gen) * 10 ** torch.randint(-10, 11, s, generator=gen).float() for s in shapes]
+        for w, g in zip(ws, gs):
+            w.view(-1)[::3] = 0.0
+            g.view(-1)[::4] = 0.0
+    else:
+        raise AssertionError(kind)
+    if dtype == torch.float16:  # stay inside fp16's range (max 65504) instead of casting to inf
+        gs, ws = [g.clamp(-6e4, 6e4) for g in gs], [w.clamp(-6e4, 6e4) for w in ws]
+    return [g.to(dtype) for g in gs], [w.to(dtype) for w in ws]
+
+
+def _check(grads, weights, k, scorer, **kw):
+    got = gk.select_topk(None if scorer in ("magnitude", "random") else grads, weights, k, scorer=scorer, **kw)
+    want = brute_force_topk(grads, weights, k, scorer, **kw)
+    assert len(got) == len(weights)
+    assert sum(int(g.numel()) for g in got) == k
+    for t, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == torch.int32, g.dtype
+        assert torch.equal(g.cpu().long(), w), f"tensor {t}: {g.tolist()} != {w.tolist()}"
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("kind", ["normal", "quantized", "constant", "zeros_and_extremes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_oracle(backend, device, scorer, kind, dtype):
+    gen = torch.Generator().manual_seed(hash((scorer, kind, str(dtype))) % 2**31)
+    grads, weights = _data(kind, SHAPES, dtype, gen)
+    grads, weights = [g.to(device) for g in grads], [w.to(device) for w in weights]
+    total = sum(w.numel() for w in weights)
+    for k in (1, 2, 17, total // 2, total - 1, total):
+        _check(grads, weights, k, scorer)
+
+
+def test_mixed_dtypes(backend, device):
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(9, 7, generator=gen).to(dt).to(device) for dt in (torch.bfloat16, torch.float16,
+                                                                              torch.float32)]
+    grads = [torch.randn(9, 7, generator=gen).to(dt).to(device) for dt in (torch.float32, torch.bfloat16,
+                                                                            torch.float16)]
+    for k in (1, 50, 189):
+        _check(grads, weights, k, "gallop")
+
+
+def test_ties_go_to_lower_tensor_then_lower_index(backend, device):
+    weights = [torch.ones(5, device=device), torch.ones(4, device=device)]
+    grads = [torch.ones(5, device=device), torch.ones(4, device=device)]
+    got = gk.select_topk(grads, weights, 7)
+    assert got[0].tolist() == [0, 1, 2, 3, 4] and got[1].tolist() == [0, 1]
+
+
+def test_eps_changes_ranking_of_zero_weights(backend, device):
+    w = torch.tensor([0.0, 1.0], device=device)
+    g = torch.tensor([1e-6, 1.0], device=device)
+    assert gk.select_topk([g], [w], 1, eps=1e-8)[0].tolist() == [0]  # 1e-6 / 1e-8 = 100 > 1
+    assert gk.select_topk([g], [w], 1, eps=1.0)[0].tolist() == [1]  # 1e-6 / 1 < 1 / 2
+
+
+def test_random_scorer_is_seeded_and_uniform(backend, device):
+    w = [torch.zeros(4000, device=device), torch.zeros(4000, device=device)]
+    a = gk.select_topk(None, w, 800, scorer="random", seed=3)
+    b = gk.select_topk(None, w, 800, scorer="random", seed=3)
+    c = gk.select_topk(None, w, 800, scorer="random", seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert 300 < a[0].numel() < 500  # about half from each tensor
+    assert not torch.equal(a[0], a[1])  # tensor position is part of the hash
+
+
+def test_candidate_overflow_path(monkeypatch, device):
+    """Heavy ties beyond the candidate buffer take the three-pass route and give the same answer."""
+    monkeypatch.setattr(reference, "CANDIDATE_CAP", 4)
+    gen = torch.Generator().manual_seed(0)
+    grads, weights = _data("quantized", SHAPES, torch.float32, gen)
+    for k in (1, 30, 200):
+        _check(grads, weights, k, "gallop")
+
+
+def test_chunking_path(monkeypatch):
+    """Tensors spanning many chunks (the reference scores CHUNK elements at a time)."""
+    monkeypatch.setattr(reference, "CHUNK", 7)
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("normal", "quantized"):
+        grads, weights = _data(kind, SHAPES, torch.float32, gen)
+        for scorer in SCORERS:
+            _check(grads, weights, 40, scorer)
+
+
+def test_int64_index_path(monkeypatch):
+    """Tensors at or beyond the int32 limit get int64 indices (limit lowered to test without 2**31 elements)."""
+    monkeypatch.setattr(reference, "_INT32_LIMIT", 50)
+    monkeypatch.setattr(reference, "CHUNK", 16)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(49, generator=gen), torch.randn(50, generator=gen), torch.randn(77, generator=gen)]
+    grads = [torch.randn_like(w) for w in weights]
+    got = gk.select_topk(grads, weights, 60)
+    assert [g.dtype for g in got] == [torch.int32, torch.int64, torch.int64]
+    want = brute_force_topk(grads, weights, 60)
+    assert all(torch.equal(g.long(), w) for g, w in zip(got, want))
+
+
+def test_random_hash_high_index_bits():
+    """The hash mixes the upper 32 bits of int64 flat indices (positions beyond 2**32 differ)."""
+    idx = torch.tensor([5, 5 + 2**32, 5 + 2**33], dtype=torch.int64)
+    keys = reference.random_keys(0, 0, idx)
+    assert len(set(keys.tolist())) == 3
+    assert keys.dtype == torch.int32 and int(keys.min()) >= 0
+
+
+def test_random_hash_matches_scalar_definition():
+    """The vectorized hash equals the documented scalar definition (what every backend must reproduce)."""
+    def mix(x):
+        x &= 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    seed, pos = 12345, 7
+    idx = [0, 1, 2**31 + 3, 2**32 + 9, 2**40 + 1]
+    t = mix(mix(seed) ^ pos)
+    want = [mix(mix((i >> 32) ^ t) ^ (i & 0xFFFFFFFF)) >> 2 for i in idx]
+    got = reference.random_keys(seed, pos, torch.tensor(idx, dtype=torch.int64)).tolist()
+    assert got == want
+
+
+def test_inputs_not_modified(backend, device):
+    gen = torch.Generator().manual_seed(0)
+    grads, weights = _data("normal", SHAPES, torch.float32, gen)
+    grads, weights = [g.to(device) for g in grads], [w.to(device) for w in weights]
+    before = [t.clone() for t in grads + weights]
+    gk.select_topk(grads, weights, 20)
+    gk.select_topk(grads, weights, 20, scorer="product")
+    assert all(torch.equal(a, b) for a, b in zip(before, grads + weights))
+
+
+def test_non_contiguous_inputs(backend, device):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 6, generator=gen).to(device).t()
+    g = torch.randn(8, 6, generator=gen).to(device).t()
+    _check([g], [w], 10, "gallop")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("k", [0, -1, 10])
+def test_k_out_of_range(k):
+    with pytest.raises(ValueError, match=r"k must be in \[1, 9\]"):
+        gk.select_topk([torch.ones(9)], [torch.ones(9)], k)
+
+
+def test_k_not_int():
+    with pytest.raises(TypeError, match="k must be an int"):
+        gk.select_topk([torch.ones(9)], [torch.ones(9)], 2.0)
+
+
+def test_shape_mismatch_names_position():
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(4,\) but weights\[1\] has shape \(5,\)"):
+        gk.select_topk([torch.ones(3), torch.ones(4)], [torch.ones(3), torch.ones(5)], 2)
+
+
+def test_length_mismatch():
+    with pytest.raises(ValueError, match="grads has 1 tensors but weights has 2"):
+        gk.select_topk([torch.ones(3)], [torch.ones(3), torch.ones(5)], 2)
+
+
+def test_integer_dtype_rejected():
+    with pytest.raises(TypeError, match=r"weights\[0\] must have a floating dtype"):
+        gk.select_topk([torch.ones(3)], [torch.ones(3, dtype=torch.int32)], 2)
+    with pytest.raises(TypeError, match=r"grads\[0\] must have a floating dtype"):
+        gk.select_topk([torch.ones(3, dtype=torch.int64)], [torch.ones(3)], 2)
+
+
+def test_unknown_scorer():
+    with pytest.raises(ValueError, match="scorer must be one of"):
+        gk.select_topk([torch.ones(3)], [torch.ones(3)], 2, scorer="abs")
+
+
+def test_grads_required():
+    with pytest.raises(ValueError, match="needs gradients"):
+        gk.select_topk(None, [torch.ones(3)], 2, scorer="gallop")
+    with pytest.raises(ValueError, match=r"grads\[0\] is None"):
+        gk.select_topk([None], [torch.ones(3)], 2, scorer="product")
+
+
+def test_single_tensor_instead_of_list():
+    with pytest.raises(TypeError, match="sequence of tensors"):
+        gk.select_topk(torch.ones(3), torch.ones(3), 2)
+
+
+def test_bad_eps():
+    with pytest.raises(ValueError, match="eps must be"):
+        gk.select_topk([torch.ones(3)], [torch.ones(3)], 2, eps=-1.0)
+
+
+def test_device_mismatch():
+    meta = torch.ones(3, device="meta")
+    with pytest.raises(ValueError, match="move all tensors to one device"):
+        gk.select_topk([torch.ones(3)], [meta], 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_scores_name_tensor(backend, device, bad):
+    g = [torch.ones(4, device=device), torch.tensor([1.0, bad, 0.5], device=device)]
+    w = [torch.ones(4, device=device), torch.ones(3, device=device)]
+    with pytest.raises(ValueError, match="scores of tensor 1 contain NaN or Inf"):
+        gk.select_topk(g, w, 2)
+    with pytest.raises(ValueError, match="scores of tensor 1 contain NaN or Inf"):
+        gk.select_topk(None, [w[0], g[1]], 2, scorer="magnitude")
+
+
+def test_overflowing_score_is_reported(backend, device):
+    g = [torch.tensor([3e38, 1.0], device=device)]
+    w = [torch.tensor([0.0, 1.0], device=device)]
+    with pytest.raises(ValueError, match="raise eps"):
+        gk.select_topk(g, w, 1)
