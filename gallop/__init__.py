@@ -2,7 +2,10 @@
 
 from .calibrate import mean_gradients
 from .config import GallopConfig
+from .optim import SparseAdamW
 from .selection import Selection, eligible_parameters, select
+from .sparse import SparseModel
 
-__all__ = ["GallopConfig", "mean_gradients", "select", "Selection", "eligible_parameters"]
 __version__ = "0.1.0"
+__all__ = ["GallopConfig", "mean_gradients", "select", "Selection", "eligible_parameters", "SparseModel",
+           "SparseAdamW"]

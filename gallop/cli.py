@@ -1,4 +1,8 @@
-"""The ``gallop`` command line: ``gallop select`` (phase 1 on a real model) and ``gallop finetune``."""
+"""The ``gallop`` command line.
+
+``gallop select``    phase 1 on a real model: calibration gradients, selection, and a summary of what was selected.
+``gallop finetune``  the whole job: select, train the selected entries, evaluate ID/OOD, save the adapter.
+"""
 
 from __future__ import annotations
 
@@ -86,12 +90,53 @@ def _print_groups(title: str, groups) -> None:
         print(f"  {name:<12} {s:>10,} / {e:>12,}  {100 * s / max(1, e):6.3f}%  {bar}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneArgs, finetune
+
+    fa = FinetuneArgs(model=args.model, task=args.task, density=args.density, scorer=args.scorer,
+                      budget=args.budget, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                      calib_examples=args.calib_examples, train_examples=args.train_examples,
+                      eval_examples=args.eval_examples, device=args.device,
+                      output_dir=args.output_dir or f"runs/finetune-{args.task if args.task in TASKS else 'jsonl'}",
+                      precision=args.precision, seed=args.seed, progress=not args.quiet)
+    m = finetune(fa)
+    v, t = m["vanilla"], m["finetuned"]
+    print(f"\nGaLLoP ({fa.scorer}, {fa.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
+          f"weights trained ({100 * m['num_selected'] / m['num_eligible']:.2f}%), {fa.steps} steps on '{fa.task}'")
+    print(f"{'task':<14}{'vanilla':>9}{'GaLLoP':>9}")
+    print(f"{fa.task + ' (ID)':<14}{100 * v['id']:>8.1f}%{100 * t['id']:>8.1f}%")
+    for name in v["ood"]:
+        print(f"{name + ' (OOD)':<14}{100 * v['ood'][name]:>8.1f}%{100 * t['ood'][name]:>8.1f}%")
+    print(f"{'OOD mean':<14}{100 * v['ood_mean']:>8.1f}%{100 * t['ood_mean']:>8.1f}%")
+    print(f"ID gain {100 * m['id_gain']:+.1f} points; forget ratio {m['forget_ratio']:.3f}; "
+          f"collapsed OOD tasks: {len(m['collapsed_ood_tasks'])}")
+    tm = m["timings_s"]
+    print(f"time: load {tm['load_s']:.0f} s, calibration {tm['calibration_s']:.0f} s, selection "
+          f"{tm['selection_s']:.1f} s, training {tm['train_s']:.0f} s ({m['train_tokens_per_s']:.0f} tokens/s), "
+          f"evaluation {tm['eval_vanilla_s'] + tm['eval_tuned_s']:.0f} s")
+    print(f"wrote {fa.output_dir}/adapter, {fa.output_dir}/metrics.json, {fa.output_dir}/loss.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gallop", description="GaLLoP sparse fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("select", help="phase 1: calibration gradients + selection, with a summary")
     _common(p)
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("finetune", help="calibrate, select, train the selected weights, evaluate ID/OOD, save")
+    _common(p)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--train-examples", type=int, default=256)
+    p.add_argument("--eval-examples", type=int, default=48, help="test examples per task (ID and each OOD)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="adapter value precision")
+    p.add_argument("--output-dir", default=None, help="default: runs/finetune-<task>")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
