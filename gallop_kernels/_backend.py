@@ -17,7 +17,8 @@ import torch
 from . import reference
 
 _CHOICES = ("auto", "reference", "triton")
-# op name -> module (inside gallop_kernels) holding its Triton implementation
+# op name -> module (inside gallop_kernels) holding its Triton implementation. An op missing here has no Triton
+# kernel yet: `auto` runs its reference on every device, and GALLOP_BACKEND=triton raises for it.
 _TRITON_MODULES = {
     "select_topk": "select",
     "sparse_adamw_": "adamw",
@@ -65,6 +66,11 @@ def backend(device: Optional[Union[str, torch.device]] = None) -> str:
 def implementation(op: str, device: torch.device) -> Callable:
     """The function implementing ``op`` for tensors on ``device`` under the current backend choice."""
     if backend(device) == "reference":
+        return getattr(reference, op)
+    if op not in _TRITON_MODULES:
+        if _choice() == "triton":
+            raise NotImplementedError(f"{op} has no Triton kernel yet; unset GALLOP_BACKEND (or set it to auto or "
+                                      f"reference) to run the exact reference implementation")
         return getattr(reference, op)
     module = importlib.import_module(f"{__package__}.{_TRITON_MODULES[op]}")
     return getattr(module, op)

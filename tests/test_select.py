@@ -240,3 +240,35 @@ def test_overflowing_score_is_reported(backend, device):
     w = [torch.tensor([0.0, 1.0], device=device)]
     with pytest.raises(ValueError, match="raise eps"):
         gk.select_topk(g, w, 1)
+
+
+# ------------------------------------------------------------------------------------------------ Triton paths
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("cap", [1 << 25, 3], ids=["buffered", "heavy-tie-fallback"])
+def test_triton_many_blocks(monkeypatch, device, scorer, cap):
+    """Small blocks: persistent histogram loops, many blocks per tensor, ties spanning blocks and tensors."""
+    from gallop_kernels import select as tselect
+
+    monkeypatch.setenv("GALLOP_BACKEND", "triton")
+    monkeypatch.setattr(tselect, "BLOCK", 16)
+    monkeypatch.setattr(tselect, "CANDIDATE_CAP", cap)
+    gen = torch.Generator().manual_seed(5)
+    for kind in ("normal", "quantized", "constant"):
+        grads, weights = _data(kind, [(9, 13), (1,), (70,), (0,), (5, 7)], torch.float32, gen)
+        grads, weights = [g.to(device) for g in grads], [w.to(device) for w in weights]
+        total = sum(w.numel() for w in weights)
+        for k in (1, 37, total - 5):
+            _check(grads, weights, k, scorer)
+
+
+def test_triton_int64_indices(monkeypatch, device):
+    from gallop_kernels import reference as ref
+
+    monkeypatch.setenv("GALLOP_BACKEND", "triton")
+    monkeypatch.setattr(ref, "_INT32_LIMIT", 50)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(49, generator=gen).to(device), torch.randn(77, generator=gen).to(device)]
+    grads = [torch.randn(w.shape, generator=gen).to(device) for w in weights]
+    got = gk.select_topk(grads, weights, 60)
+    assert [g.dtype for g in got] == [torch.int32, torch.int64]
+    assert all(torch.equal(g.cpu().long(), w) for g, w in zip(got, brute_force_topk(grads, weights, 60)))
