@@ -31,11 +31,16 @@ demo: install
 bench: install
 	$(PYBIN) -m pytest bench/bench_reference_select.py -q --benchmark-only --benchmark-json=bench/reference_select.json
 
-# On the GPU machine (no installs there): GPU tests + kernel benchmarks in one call, results under $(OUT).
+# On the GPU machine (no installs there; its python has torch, triton, transformers): the kernel tests on CUDA
+# tensors, the GPU-only tests, then the benchmark; everything under $(OUT). Exits with the tests' status.
+GPU_PY ?= python3
 gpu-check:
 	mkdir -p $(OUT)
-	PYTHONPATH=. python -m pytest -m gpu -q tests 2>&1 | tee $(OUT)/gpu-tests.txt
-	PYTHONPATH=. python bench/kernels.py --out $(OUT) 2>&1 | tee $(OUT)/bench.txt
+	PYTHONPATH=. $(GPU_PY) -m pytest -q -m "gpu or not gpu" tests/test_select.py tests/test_adamw_scatter.py \
+		tests/test_compile.py tests/test_gpu.py > $(OUT)/gpu-tests.txt 2>&1; echo $$? > $(OUT)/gpu-tests.rc
+	tail -n 25 $(OUT)/gpu-tests.txt
+	PYTHONPATH=. $(GPU_PY) bench/kernels.py --out $(OUT) 2>&1 | tee $(OUT)/bench.txt
+	exit $$(cat $(OUT)/gpu-tests.rc)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

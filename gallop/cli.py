@@ -104,11 +104,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     v, t = m["vanilla"], m["finetuned"]
     print(f"\nGaLLoP ({fa.scorer}, {fa.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
           f"weights trained ({100 * m['num_selected'] / m['num_eligible']:.2f}%), {fa.steps} steps on '{fa.task}'")
-    print(f"{'task':<14}{'vanilla':>9}{'GaLLoP':>9}")
-    print(f"{fa.task + ' (ID)':<14}{100 * v['id']:>8.1f}%{100 * t['id']:>8.1f}%")
+    width = max(18, len(fa.task) + 6)
+    print(f"{'task (accuracy)':<{width}}{'vanilla':>9}{'GaLLoP':>9}")
+    print(f"{fa.task + ' (ID)':<{width}}{100 * v['id']:>8.1f}%{100 * t['id']:>8.1f}%")
     for name in v["ood"]:
-        print(f"{name + ' (OOD)':<14}{100 * v['ood'][name]:>8.1f}%{100 * t['ood'][name]:>8.1f}%")
-    print(f"{'OOD mean':<14}{100 * v['ood_mean']:>8.1f}%{100 * t['ood_mean']:>8.1f}%")
+        print(f"{name + ' (OOD)':<{width}}{100 * v['ood'][name]:>8.1f}%{100 * t['ood'][name]:>8.1f}%")
+    print(f"{'OOD mean':<{width}}{100 * v['ood_mean']:>8.1f}%{100 * t['ood_mean']:>8.1f}%")
     print(f"ID gain {100 * m['id_gain']:+.1f} points; forget ratio {m['forget_ratio']:.3f}; "
           f"collapsed OOD tasks: {len(m['collapsed_ood_tasks'])}")
     tm = m["timings_s"]

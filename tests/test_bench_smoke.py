@@ -1,0 +1,28 @@
+"""The GPU benchmark script runs end to end on the CPU (small sizes, reference backend), so it cannot rot."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@pytest.mark.slow
+def test_bench_kernels_quick_cpu(tmp_path, monkeypatch):
+    import kernels
+
+    monkeypatch.setenv("GALLOP_BACKEND", "reference")
+    assert kernels.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "kernels.json").read_text())
+    assert len(res["sizes"]) == 2 and res["sizes"][0]["select_topk"]["same_set_as_torch"]
+    assert (tmp_path / "kernels.png").stat().st_size > 1000
+
+
+def test_llama8b_shapes():
+    import kernels
+
+    shapes = kernels.llama8b_shapes()
+    assert len(shapes) == 226
+    assert sum(a * b for a, b in shapes) == 8_029_995_008  # 2 x 128256 x 4096 + 32 x 218,103,808
