@@ -28,8 +28,11 @@ test-fast: install
 demo: install
 	$(PYBIN) -m gallop.cli finetune
 
+# The reference (CPU) selection against torch.topk on 1e8 elements; JSON under runs/ (it names this machine).
 bench: install
-	$(PYBIN) -m pytest bench/bench_reference_select.py -q --benchmark-only --benchmark-json=bench/reference_select.json
+	mkdir -p runs/bench
+	$(PYBIN) -m pytest bench/bench_reference_select.py -q -s -p no:cacheprovider \
+		--benchmark-columns=min,median,max,rounds --benchmark-json=runs/bench/reference_select.json
 
 # On the GPU machine (no installs there; its python has torch, triton, transformers): the kernel tests on CUDA
 # tensors, the GPU-only tests, then the benchmark; everything under $(OUT). Exits with the tests' status.

@@ -82,6 +82,16 @@ def test_trainer_trains_selected_entries_and_resumes(tmp_path):
     torch.testing.assert_close(sparse2.delta, sparse.delta, rtol=1e-5, atol=1e-7)
 
 
+def test_trainer_bf16_autocast(tmp_path):
+    """bf16 mixed precision: fp32 weights and masters, bf16 autocast forward; the selected entries still train."""
+    model = tiny("llama")
+    sel = select(model, None, GallopConfig(density=0.05, scorer="random"))
+    sparse, trainer = _trainer(model, sel, tmp_path / "bf16", bf16=True)
+    trainer.train()
+    assert float(sparse.delta.detach().abs().sum()) > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_trainer_rejects_bad_setup(tmp_path):
     from transformers import TrainingArguments
 
