@@ -3,7 +3,7 @@
     make bench            # or: python -m pytest bench/bench_reference_select.py --benchmark-only
 
 Times are medians of pytest-benchmark rounds; the peak extra memory of ``select_topk`` (beyond its inputs) is
-measured in a fresh subprocess from the process's peak RSS. Set GALLOP_BENCH_N to change the size.
+measured in a fresh subprocess from its peak RSS (VmHWM, reset right before the call). Set GALLOP_BENCH_N to change the size.
 """
 
 import json
@@ -52,21 +52,26 @@ def test_gallop_reference_select(benchmark, data):
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, torch
     import gallop_kernels as gk
+
+    def status(field):  # kB values of /proc/self/status (this process image only; ru_maxrss would inherit the
+        with open("/proc/self/status") as f:  # parent's peak across fork + exec)
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
     n = int(sys.argv[1])
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(n, generator=gen)
     w = torch.empty(n, dtype=torch.bfloat16)
-    for i in range(0, n, 1 << 20):  # no fp32 temporary of size n: the peak before selection is the inputs
+    for i in range(0, n, 1 << 20):  # no fp32 temporary of size n
         w[i:i + (1 << 20)] = torch.randn(min(1 << 20, n - i), generator=gen)
     gk.select_topk([g[:1000]], [w[:1000]], 10)  # warm up the allocator and lazy imports
-    with open("/proc/self/statm") as f:  # resident pages now (not the peak, which earlier work may have set)
-        before = int(f.read().split()[1]) * resource.getpagesize()
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
     out = gk.select_topk([g], [w], n // 100)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"n": n, "extra_bytes": max(0, peak - before), "output_bytes": out[0].numel() * 4,
-                      "inputs_bytes": g.numel() * 4 + w.numel() * 2, "rss_before": before}))
+    peak = status("VmHWM:")
+    print(json.dumps({"n": n, "extra_bytes": max(0, peak - before), "output_bytes": out[0].numel() * 4}))
 """)
 
 
