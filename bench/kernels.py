@@ -148,23 +148,34 @@ def llama8b_shapes() -> list[tuple[int, int]]:
     return [(vocab, h)] + block * 32 + [(vocab, h)]
 
 
-def bench_llama8b(timer, device, gen):
+def llama8b_inputs(device, gen) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Random fp32 gradients and bf16 weights of LLaMA3-8B's shapes (48 GB on the GPU)."""
     shapes = llama8b_shapes()
     grads = [torch.randn(s, device=device, generator=gen) for s in shapes]
     weights = [(torch.randn(s, device=device, generator=gen) * 0.02).to(torch.bfloat16) for s in shapes]
-    total = sum(w.numel() for w in weights)
-    k = total // 100
+    return grads, weights
+
+
+def peak_extra_memory(fn):
+    """(result of fn(), peak CUDA memory allocated during it beyond what was allocated before, in bytes)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out = gk.select_topk(grads, weights, k)
+    out = fn()
     torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    return out, torch.cuda.max_memory_allocated() - before
+
+
+def bench_llama8b(timer, device, gen):
+    grads, weights = llama8b_inputs(device, gen)
+    total = sum(w.numel() for w in weights)
+    k = total // 100
+    out, extra = peak_extra_memory(lambda: gk.select_topk(grads, weights, k))
     out_bytes = sum(o.numel() * o.element_size() for o in out)
     assert sum(o.numel() for o in out) == k
     ms = timer(lambda: gk.select_topk(grads, weights, k), reps=3, warmup=1)
     del grads, weights, out
-    return {"ms": ms, "tensors": len(shapes), "elements": total, "k": k,
+    return {"ms": ms, "tensors": len(llama8b_shapes()), "elements": total, "k": k,
             "peak_extra_GiB": extra / 2**30, "peak_extra_without_output_GiB": (extra - out_bytes) / 2**30}
 
 

@@ -74,6 +74,15 @@ def _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER: tl.constexpr):
 
 
 @triton.jit
+def _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block: (block number, int64 flat offsets, in-range mask, keys)."""
+    b = tl.program_id(0)
+    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    return b, offs, mask, _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+
+
+@triton.jit
 def _histogram_kernel(g_ptr, w_ptr, hist_ptr, n, eps, tkey, prefix, n_blocks, PREFIX_SHIFT: tl.constexpr,
                       BIN_SHIFT: tl.constexpr, NBINS: tl.constexpr, SCORER: tl.constexpr, BLOCK: tl.constexpr):
     """hist[bin] += #{keys with (key >> PREFIX_SHIFT) == prefix} by bin (key >> BIN_SHIFT) & (NBINS - 1).
@@ -101,10 +110,7 @@ def _histogram_kernel(g_ptr, w_ptr, hist_ptr, n, eps, tkey, prefix, n_blocks, PR
 def _collect_kernel(g_ptr, w_ptr, n, eps, tkey, b1, first_block, above_ptr, cand_key_ptr, cand_block_ptr,
                     cand_count_ptr, SCORER: tl.constexpr, BLOCK: tl.constexpr):
     """Per block: above[block] = #{key >> 20 > b1}; append (key, block) for every key >> 20 == b1."""
-    b = tl.program_id(0)
-    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    keys = _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+    b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
     level1 = keys >> 20
     block = first_block + b
     tl.store(above_ptr + block, tl.sum((mask & (level1 > b1)).to(tl.int32), 0))
@@ -121,10 +127,7 @@ def _collect_kernel(g_ptr, w_ptr, n, eps, tkey, b1, first_block, above_ptr, cand
 def _count_kernel(g_ptr, w_ptr, n, eps, tkey, threshold, first_block, above_ptr, ties_ptr, SCORER: tl.constexpr,
                   BLOCK: tl.constexpr):
     """Per block: above[block] = #{key > T}, ties[block] = #{key == T}."""
-    b = tl.program_id(0)
-    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    keys = _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+    b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
     tl.store(above_ptr + first_block + b, tl.sum((mask & (keys > threshold)).to(tl.int32), 0))
     tl.store(ties_ptr + first_block + b, tl.sum((mask & (keys == threshold)).to(tl.int32), 0))
 
@@ -133,10 +136,7 @@ def _count_kernel(g_ptr, w_ptr, n, eps, tkey, threshold, first_block, above_ptr,
 def _compact_kernel(g_ptr, w_ptr, n, eps, tkey, threshold, first_block, out_ptr, out_off_ptr, tie_off_ptr,
                     ties_wanted, SCORER: tl.constexpr, BLOCK: tl.constexpr):
     """Write, in index order, the keys > T and the ties whose global rank is below ``ties_wanted``."""
-    b = tl.program_id(0)
-    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    keys = _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+    b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
     tie = mask & (keys == threshold)
     tie_rank = tl.load(tie_off_ptr + first_block + b) + tl.cumsum(tie.to(tl.int64), 0) - 1
     take = (mask & (keys > threshold)) | (tie & (tie_rank < ties_wanted))

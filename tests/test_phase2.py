@@ -20,6 +20,13 @@ def _setup(arch="llama", density=0.05, dtype=torch.float32, scorer="gallop", see
     return model, select(model, grads, config)
 
 
+def _twins(**kw):
+    """Two identical tiny models wrapped with one selection: (sparse_1, model_1, sparse_2, model_2)."""
+    m1, sel = _setup(**kw)
+    m2 = tiny(kw.get("arch", "llama"), dtype=kw.get("dtype", torch.float32), seed=kw.get("seed", 0))
+    return SparseModel(m1, sel), m1, SparseModel(m2, sel), m2
+
+
 def _train(sparse, opt, batches, accumulate=1):
     for b in batches:
         for part in _split(b, accumulate):
@@ -103,9 +110,7 @@ def test_merge_unmerge_exact_and_unload():
 
 
 def test_any_torch_optimizer_matches_sparse_adamw():
-    m1, sel = _setup()
-    m2 = tiny("llama")
-    s1, s2 = SparseModel(m1, sel), SparseModel(m2, sel)
+    s1, m1, s2, m2 = _twins()
     batches = random_batches(6, seed=2)
     _train(s1, SparseAdamW(s1, lr=1e-2, weight_decay=0.05), batches)
     _train(s2, torch.optim.AdamW(s2.parameters(), lr=1e-2, weight_decay=0.05, foreach=False), batches)
@@ -129,9 +134,7 @@ def test_write_back_triggered_by_version_counter():
 
 
 def test_gradient_accumulation_equals_big_batch():
-    m1, sel = _setup()
-    m2 = tiny("llama")
-    s1, s2 = SparseModel(m1, sel), SparseModel(m2, sel)
+    s1, m1, s2, m2 = _twins()
     batches = random_batches(4, batch=4, seed=5)
     o1 = SparseAdamW(s1, lr=1e-2, max_grad_norm=0.5)
     o2 = SparseAdamW(s2, lr=1e-2, max_grad_norm=0.5)
@@ -141,9 +144,7 @@ def test_gradient_accumulation_equals_big_batch():
 
 
 def test_step_in_backward_equals_default_mode():
-    m1, sel = _setup()
-    m2 = tiny("llama")
-    s1, s2 = SparseModel(m1, sel), SparseModel(m2, sel)
+    s1, m1, s2, m2 = _twins()
     batches = random_batches(5, seed=7)
     _train(s1, SparseAdamW(s1, lr=1e-2, weight_decay=0.1), batches)
     o2 = SparseAdamW(s2, lr=1e-2, weight_decay=0.1, step_in_backward=True)
