@@ -158,6 +158,7 @@ class SparseModel:
     def indices(self, name: str) -> torch.Tensor:
         return self._indices[self._names.index(name)]
 
+    @torch.compiler.disable  # eager bookkeeping: a compiled forward must not trace (and recompile) the write loop
     def sync(self) -> None:
         """Write ``cast(base + delta)`` into the weights if the delta changed since the last write (and merged)."""
         if self._merged and not self._unloaded and self.delta._version != self._synced_version:

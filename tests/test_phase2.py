@@ -344,3 +344,30 @@ def test_repr_and_counts():
     assert sparse.num_selected == sel.num_selected
     assert "trainable" in repr(sparse) and "merged" in repr(sparse)
     assert list(sparse.parameters()) == [sparse.delta]
+
+
+@pytest.mark.parametrize("optimizer", ["sparse_adamw", "torch_adamw"])
+def test_compiled_forward_matches_eager(optimizer):
+    """torch.compile(model) trains the same; the write-back hook stays out of the graph (no recompiles)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    s1, m1, s2, m2 = _twins()
+
+    def make(sp):
+        if optimizer == "sparse_adamw":
+            return SparseAdamW(sp, lr=1e-2)
+        return torch.optim.AdamW(sp.parameters(), lr=1e-2, foreach=False)
+
+    batches = random_batches(4, seed=3)
+    _train(s1, make(s1), batches)
+    compiled = torch.compile(m2, backend="aot_eager")
+    opt = make(s2)
+    for b in batches:
+        compiled(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    s1.sync()
+    s2.sync()
+    assert torch.equal(s1.delta, s2.delta)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
