@@ -1,7 +1,7 @@
 """Benchmark every gallop kernel against its torch baseline, timed in the same run.
 
     PYTHONPATH=. python bench/kernels.py --out runs/bench              # on the GPU (what `make gpu-check` runs)
-    PYTHONPATH=. python bench/kernels.py --device cpu --quick --out /tmp/b   # a smoke run (reference backend)
+    PYTHONPATH=. python bench/kernels.py --device cpu --quick --out runs/bench-cpu   # smoke run (reference backend)
 
 For each kernel it prints the time (median of CUDA-event timings), the torch baseline's time, the speed-up, the
 achieved GB/s and the fraction of the copy bandwidth measured in the same run; it writes ``kernels.json`` and
