@@ -145,9 +145,12 @@ def _compact_kernel(g_ptr, w_ptr, n, eps, tkey, threshold, first_block, out_ptr,
 
 
 def _hist_programs(device: torch.device, n_blocks: int) -> int:
+    """Persistent programs for a histogram pass: up to 4 per SM, but each loops over >= 16 blocks, so the
+    2048 global atomics a program ends with stay below 1/16 of the elements it reads."""
     if device.type == "cuda":
-        return max(1, min(n_blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(n_blocks, 4))
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_blocks // 16, 4 * sms))
+    return max(1, min(n_blocks, 4))  # the interpreter: few programs, several loop iterations each
 
 
 def _threshold_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
