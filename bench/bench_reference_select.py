@@ -3,7 +3,8 @@
     make bench            # or: python -m pytest bench/bench_reference_select.py --benchmark-only
 
 Times are medians of pytest-benchmark rounds; the peak extra memory of ``select_topk`` (beyond its inputs) is
-measured in a fresh subprocess from its peak RSS (VmHWM, reset right before the call). Set GALLOP_BENCH_N to change the size.
+measured in a fresh subprocess from its peak RSS (VmHWM, reset right before the call).
+Set GALLOP_BENCH_N to change the size.
 """
 
 import json

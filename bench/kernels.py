@@ -85,7 +85,6 @@ def bench_select(timer, n, device, gen, copy_gbps):
     want = torch.sort(torch_path()).values
     agree = bool(torch.equal(got, want))  # continuous random data: no ties at the threshold
     gbps = 2 * 6 * n / ours / 1e6  # two reads of (fp32 g, bf16 w)
-    del g, w
     return {"ms": ours, "torch_ms": base, "speedup": base / ours, "GBps_2reads": gbps,
             "copy_fraction": gbps / copy_gbps, "same_set_as_torch": agree, "k": k}
 
@@ -120,7 +119,6 @@ def bench_fused_step(timer, n, device, gen, copy_gbps):
 
     base = timer(torch_path)
     moved = k * (2 + 4 + 12 + 12 + 2 + 2 + 4)  # grad gather, idx, d/m/v read+write, base, weight write
-    del w, wg
     return {"ms": ours, "torch_ms": base, "speedup": base / ours, "GBps": moved / ours / 1e6,
             "copy_fraction": moved / ours / 1e6 / copy_gbps, "k": k}
 
@@ -136,7 +134,6 @@ def bench_scatter(timer, n, device, gen, copy_gbps):
     d16 = delta.to(torch.bfloat16)
     base = timer(lambda: w.view(-1).index_add_(0, il, d16))
     moved = k * (4 + 2 + 4 + 2)
-    del w
     return {"ms": ours, "torch_index_add_ms": base, "speedup": base / ours, "GBps": moved / ours / 1e6,
             "copy_fraction": moved / ours / 1e6 / copy_gbps, "k": k}
 
@@ -174,7 +171,6 @@ def bench_llama8b(timer, device, gen):
     out_bytes = sum(o.numel() * o.element_size() for o in out)
     assert sum(o.numel() for o in out) == k
     ms = timer(lambda: gk.select_topk(grads, weights, k), reps=3, warmup=1)
-    del grads, weights, out
     return {"ms": ms, "tensors": len(llama8b_shapes()), "elements": total, "k": k,
             "peak_extra_GiB": extra / 2**30, "peak_extra_without_output_GiB": (extra - out_bytes) / 2**30}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,6 @@ def forget_ratio(acc_ood_vanilla: float, acc_ood: float) -> float:
     return max(0.0, (acc_ood_vanilla - acc_ood) / acc_ood_vanilla)
 
 
-def collapse_count(ood_accuracies: dict, threshold: Optional[float] = 0.0) -> int:
-    """How many OOD tasks dropped to ``threshold`` accuracy or below (the paper's collapse)."""
-    return sum(int(a <= threshold) for a in ood_accuracies.values())
+def collapsed_tasks(ood_accuracies: dict[str, float]) -> list[str]:
+    """The OOD tasks whose accuracy dropped to 0 (the paper's collapse), sorted."""
+    return sorted(t for t, a in ood_accuracies.items() if a == 0.0)

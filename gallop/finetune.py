@@ -12,14 +12,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .calibrate import mean_gradients
 from .config import GallopConfig
-from .evaluate import accuracy, forget_ratio
+from .evaluate import accuracy, collapsed_tasks, forget_ratio
+from .io import atomic_write
 from .optim import SparseAdamW
 from .selection import select
 from .sparse import SparseModel
@@ -197,12 +197,11 @@ def finetune(args: FinetuneArgs, model=None, tokenizer=None) -> dict:
         "finetuned": tuned,
         "id_gain": tuned["id"] - vanilla["id"],
         "forget_ratio": forget_ratio(vanilla["ood_mean"], tuned["ood_mean"]),
-        "collapsed_ood_tasks": sorted(t for t, a in tuned["ood"].items() if a == 0.0),
+        "collapsed_ood_tasks": collapsed_tasks(tuned["ood"]),
         "losses": losses,
         "timings_s": timings,
         "train_tokens_per_s": tokens / max(1e-9, timings["train_s"]),
     }
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    tmp.replace(out / "metrics.json")
+    text = json.dumps(metrics, indent=1)
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return metrics

@@ -78,6 +78,12 @@ def _fingerprint(names, shapes, dtypes, base_values) -> str:
     return h.hexdigest()
 
 
+def _base_fingerprint(sparse: SparseModel) -> str:
+    """The fingerprint of the pretrained values a SparseModel keeps for its selected entries."""
+    return _fingerprint(sparse._names, [p.shape for p in sparse._params], [p.dtype for p in sparse._params],
+                        [sparse._slice(sparse.base, i) for i in range(len(sparse._names))])
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -86,7 +92,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` to a temporary file in the same folder, fsync, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -127,7 +133,7 @@ def save_adapter(sparse: SparseModel, directory: PathLike, *, precision: str = "
         entries[name] = {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
                          "count": int(sparse._indices[i].numel())}
     adapter_path = directory / ADAPTER_FILE
-    _atomic_write(adapter_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "gallop"}))
+    atomic_write(adapter_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "gallop"}))
     config = {
         "format": "gallop-adapter",
         "format_version": FORMAT_VERSION,
@@ -138,12 +144,10 @@ def save_adapter(sparse: SparseModel, directory: PathLike, *, precision: str = "
         "num_eligible": sparse.selection.num_eligible,
         "eligible_shapes": {n: list(s) for n, s in sparse.selection.shapes.items()},
         "tensors": entries,
-        "base_fingerprint": _fingerprint(sparse._names, [p.shape for p in sparse._params],
-                                         [p.dtype for p in sparse._params],
-                                         [sparse._slice(sparse.base, i) for i in range(len(sparse._names))]),
+        "base_fingerprint": _base_fingerprint(sparse),
         "adapter_sha256": _sha256_file(adapter_path),
     }
-    _atomic_write(directory / CONFIG_FILE,
+    atomic_write(directory / CONFIG_FILE,
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1), encoding="utf-8"))
     return directory
 
@@ -213,9 +217,7 @@ def load_delta_(sparse: SparseModel, directory: PathLike) -> None:
     config, tensors = read_adapter(directory)
     if list(config["tensors"]) != sparse._names:
         raise ValueError(f"the adapter in {str(directory)!r} was saved for another selection")
-    fingerprint = _fingerprint(sparse._names, [p.shape for p in sparse._params], [p.dtype for p in sparse._params],
-                               [sparse._slice(sparse.base, i) for i in range(len(sparse._names))])
-    if fingerprint != config["base_fingerprint"]:
+    if _base_fingerprint(sparse) != config["base_fingerprint"]:
         raise ValueError(f"the adapter in {str(directory)!r} was trained on another base model")
     for i, name in enumerate(sparse._names):
         if not torch.equal(decode_gaps(tensors[f"{name}.gaps"]), sparse._indices[i].to(torch.int64).cpu()):

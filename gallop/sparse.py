@@ -43,7 +43,8 @@ class SparseModel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(selection, Selection):
-            raise TypeError(f"selection must be a gallop.Selection (from gallop.select), got {type(selection).__name__}")
+            raise TypeError(f"selection must be a gallop.Selection (from gallop.select), "
+                            f"got {type(selection).__name__}")
         if selection.num_selected == 0:
             raise ValueError("selection is empty: nothing to train; select with a larger density")
         params = dict(model.named_parameters())
@@ -128,10 +129,12 @@ class SparseModel:
             raise RuntimeError("this SparseModel was unloaded (merge_and_unload); wrap the model again")
 
     @torch.no_grad()
-    def _write(self, values_of: Callable[[int], tuple[torch.Tensor, Optional[torch.Tensor]]]) -> None:
+    def _write(self, values: torch.Tensor, base: Optional[torch.Tensor]) -> None:
+        """``W[idx] = cast(base + values)`` (or ``cast(values)``) for every selected tensor, from flat buffers."""
         for i, p in enumerate(self._params):
-            values, base = values_of(i)
-            gallop_kernels.scatter_(p.detach(), self._indices[i], values, base=base)
+            gallop_kernels.scatter_(p.detach(), self._indices[i], self._slice(values, i),
+                                    base=None if base is None else self._slice(base, i))
+        self._synced_version = self.delta._version
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -155,28 +158,23 @@ class SparseModel:
         """Parameter name -> view of its slice of the flat delta."""
         return OrderedDict((n, self._slice(self.delta.detach(), i)) for i, n in enumerate(self._names))
 
-    def indices(self, name: str) -> torch.Tensor:
-        return self._indices[self._names.index(name)]
-
     @torch.compiler.disable  # eager bookkeeping: a compiled forward must not trace (and recompile) the write loop
     def sync(self) -> None:
         """Write ``cast(base + delta)`` into the weights if the delta changed since the last write (and merged)."""
         if self._merged and not self._unloaded and self.delta._version != self._synced_version:
-            self._write(lambda i: (self._slice(self.delta.detach(), i), self._slice(self.base, i)))
-            self._synced_version = self.delta._version
+            self._write(self.delta.detach(), self.base)
 
     def merge(self) -> nn.Module:
         """Make the weights hold ``cast(base + delta)`` (the default state); returns the model."""
         self._check_live()
         self._merged = True
-        self._write(lambda i: (self._slice(self.delta.detach(), i), self._slice(self.base, i)))
-        self._synced_version = self.delta._version
+        self._write(self.delta.detach(), self.base)
         return self.model
 
     def unmerge(self) -> nn.Module:
         """Restore the exact pretrained weights (bit-identical); the delta is kept. ``merge()`` re-applies it."""
         self._check_live()
-        self._write(lambda i: (self._slice(self.base, i), None))
+        self._write(self.base, None)
         self._merged = False
         return self.model
 

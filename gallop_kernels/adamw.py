@@ -26,18 +26,27 @@ def _adamw_math(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, step
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                  bc2_sqrt, eps, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _adamw_buffers(p_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                   bc2_sqrt, eps):
+    """Load (param, exp_avg, exp_avg_sq) at ``offs``, apply one step with gradient ``g``, store; returns param."""
     p = tl.load(p_ptr + offs, mask=mask)
-    g = tl.load(g_ptr + offs, mask=mask)
     m = tl.load(m_ptr + offs, mask=mask)
     v = tl.load(v_ptr + offs, mask=mask)
     p, m, v = _adamw_math(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
     tl.store(p_ptr + offs, p, mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
+    return p
+
+
+@triton.jit
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                  bc2_sqrt, eps, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask)
+    _adamw_buffers(p_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                   bc2_sqrt, eps)
 
 
 @triton.jit
@@ -47,13 +56,8 @@ def _adamw_step_kernel(w_ptr, wg_ptr, idx_ptr, base_ptr, d_ptr, m_ptr, v_ptr, n,
     mask = offs < n
     idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
     g = tl.load(wg_ptr + idx, mask=mask).to(tl.float32)
-    d = tl.load(d_ptr + offs, mask=mask)
-    m = tl.load(m_ptr + offs, mask=mask)
-    v = tl.load(v_ptr + offs, mask=mask)
-    d, m, v = _adamw_math(d, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps)
-    tl.store(d_ptr + offs, d, mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    d = _adamw_buffers(d_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                       bc2_sqrt, eps)
     base = tl.load(base_ptr + offs, mask=mask).to(tl.float32)
     tl.store(w_ptr + idx, cast_rne(base + d, w_ptr.dtype.element_ty), mask=mask)
 

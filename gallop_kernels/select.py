@@ -6,8 +6,9 @@ Scores are computed in registers from (grad, weight) in every pass and never sto
 
 Passes (each one launch per tensor; "block" = ``BLOCK`` consecutive elements, numbered globally across tensors):
 
-1. ``_histogram_kernel``: persistent programs build a 2048-bin histogram of key bits 30..20 in registers
-   (``tl.histogram``) and add it to the tensor's row of a global [T, 2048] histogram once per program.
+1. ``_histogram_kernel``: persistent programs build a 2048-bin histogram of key bits 30..20 (``tl.histogram``,
+   which lowers to shared-memory atomics) and add it to the tensor's row of a global [T, 2048] histogram once
+   per program.
    Host: the bin ``b1`` holding the k-th key, ``need`` = how many to take from it, per-tensor NaN/Inf check.
 2. ``_collect_kernel`` (candidates fit the buffer): per block, count keys above ``b1`` and append the keys in
    ``b1`` with their block number to a candidate buffer (one atomic per block; order irrelevant).
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .reference import _index_dtype, random_seed_key
+from .reference import _index_dtype, _threshold_bin, random_seed_key
 
 BLOCK = 2048  # elements per block (tests lower it to exercise many blocks on small tensors)
 CANDIDATE_CAP = 1 << 25  # candidate keys buffered in pass 2 (8 bytes each: key + block number)
@@ -153,10 +154,6 @@ def _hist_programs(device: torch.device, n_blocks: int) -> int:
     return max(1, min(n_blocks, 4))  # the interpreter: few programs, several loop iterations each
 
 
-def _threshold_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    return reference._threshold_bin(hist, k)
-
-
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     c = torch.cumsum(x, 0)
     return c - x
@@ -206,8 +203,6 @@ def select_topk(grads: Sequence[Optional[torch.Tensor]], weights: Sequence[torch
     need = k - above_b1
     n_cand = int(hist[:, b1].sum())
 
-    above = torch.zeros(total_blocks, dtype=torch.int64, device=device)
-    ties = torch.zeros(total_blocks, dtype=torch.int64, device=device)
     if n_cand <= CANDIDATE_CAP:
         # Pass 2: per-block counts above bin b1, candidate keys of bin b1 with their block numbers.
         above32 = torch.zeros(total_blocks, dtype=torch.int32, device=device)
@@ -222,9 +217,8 @@ def select_topk(grads: Sequence[Optional[torch.Tensor]], weights: Sequence[torch
                                               cand_block, cand_count, SCORER=sid, BLOCK=BLOCK)
         threshold = int(torch.sort(cand_key, descending=True).values[need - 1])
         above = above32.to(torch.int64)
-        above.index_add_(0, cand_block[cand_key > threshold], torch.ones_like(cand_block[cand_key > threshold]))
-        is_tie = cand_key == threshold
-        ties.index_add_(0, cand_block[is_tie], torch.ones_like(cand_block[is_tie]))
+        above += torch.bincount(cand_block[cand_key > threshold], minlength=total_blocks)
+        ties = torch.bincount(cand_block[cand_key == threshold], minlength=total_blocks)
     else:
         # Heavy ties: resolve the low bits with two more histogram passes, then count per block.
         b2, above_b2 = _threshold_bin(histogram(b1, SHIFT1, SHIFT2, NB2).sum(0), need)

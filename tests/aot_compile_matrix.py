@@ -35,13 +35,16 @@ def _select_types(g="float32", w="bfloat16", out="int32"):
 
 def select_kernels(target) -> int:
     count = 0
-    levels = ((32, tselect.SHIFT1, tselect.NB1), (tselect.SHIFT1, tselect.SHIFT2, tselect.NB2), (tselect.SHIFT2, 0, tselect.NB3))
-    for g, w, out in (("float32", "bfloat16", "int32"), ("bfloat16", "float32", "int64"), ("float16", "float16", "int32")):
+    levels = ((32, tselect.SHIFT1, tselect.NB1), (tselect.SHIFT1, tselect.SHIFT2, tselect.NB2),
+              (tselect.SHIFT2, 0, tselect.NB3))
+    dtypes = (("float32", "bfloat16", "int32"), ("bfloat16", "float32", "int64"), ("float16", "float16", "int32"))
+    for g, w, out in dtypes:
         types = _select_types(g, w, out)
         for scorer in range(5):
             for prefix_shift, bin_shift, nbins in levels:
-                _compile(tselect._histogram_kernel, target, types, dict(PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift,
-                                                                        NBINS=nbins, SCORER=scorer, BLOCK=tselect.BLOCK))
+                _compile(tselect._histogram_kernel, target, types,
+                         dict(PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift, NBINS=nbins, SCORER=scorer,
+                              BLOCK=tselect.BLOCK))
                 count += 1
             for kernel in (tselect._collect_kernel, tselect._count_kernel, tselect._compact_kernel):
                 _compile(kernel, target, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK))
@@ -59,9 +62,9 @@ def optimizer_and_scatter_kernels(target) -> int:
     for wdtype in ("bfloat16", "float16", "float32"):
         for idx in ("int32", "int64"):
             w, i = "*" + _TY[wdtype], "*" + _TY[idx]
-            _compile(adamw._adamw_step_kernel, target, {"w_ptr": w, "wg_ptr": w, "idx_ptr": i, "base_ptr": w,
-                                                        "d_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", **scalars},
-                     dict(BLOCK=adamw.BLOCK))
+            step_types = {"w_ptr": w, "wg_ptr": w, "idx_ptr": i, "base_ptr": w, "d_ptr": "*fp32", "m_ptr": "*fp32",
+                          "v_ptr": "*fp32", **scalars}
+            _compile(adamw._adamw_step_kernel, target, step_types, dict(BLOCK=adamw.BLOCK))
             for acc in (False, True):
                 _compile(scatter._gather_kernel, target, {"src_ptr": w, "idx_ptr": i, "out_ptr": "*fp32", "n": "i64"},
                          dict(ACCUMULATE=acc, BLOCK=scatter.BLOCK))

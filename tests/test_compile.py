@@ -1,6 +1,5 @@
 """The training-path ops as torch.library custom ops: schema/fake checks, and torch.compile without graph breaks."""
 
-import pytest
 import torch
 
 import gallop_kernels as gk
@@ -20,10 +19,11 @@ def test_opcheck_all_ops():
     torch.library.opcheck(_ops.gather_op, (w, idx))
     torch.library.opcheck(_ops.gather_into_op, (w, idx, torch.zeros(4), True))
     torch.library.opcheck(_ops.scatter_op, (w.clone(), idx, torch.randn(4, generator=gen), None))
-    torch.library.opcheck(_ops.scatter_op, (w.clone(), idx, torch.randn(4, generator=gen), torch.randn(4, generator=gen)))
-    torch.library.opcheck(_ops.sparse_adamw_step_op, (w.clone(), torch.randn(6, 7, generator=gen), idx, torch.randn(4),
-                                                      torch.zeros(4), torch.zeros(4), torch.zeros(4), 1, 1e-3, 0.9,
-                                                      0.999, 1e-8, 0.0))
+    base = torch.randn(4, generator=gen)
+    torch.library.opcheck(_ops.scatter_op, (w.clone(), idx, torch.randn(4, generator=gen), base))
+    step_args = (w.clone(), torch.randn(6, 7, generator=gen), idx, torch.randn(4), torch.zeros(4), torch.zeros(4),
+                 torch.zeros(4), 1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    torch.library.opcheck(_ops.sparse_adamw_step_op, step_args)
 
 
 def test_compiled_step_has_no_graph_break():
