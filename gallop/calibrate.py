@@ -38,7 +38,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def mean_gradients(model: nn.Module, batches: Iterable[Any], config: Optional[GallopConfig] = None, *,
                    loss_fn: Optional[LossFn] = None, max_batches: Optional[int] = None,
-                   progress: bool = True) -> "OrderedDict[str, torch.Tensor]":
+                   progress: bool = True, group: Any = None) -> "OrderedDict[str, torch.Tensor]":
     """Mean signed gradient of the loss over ``batches``, for every eligible weight.
 
     ``g = (1/B) * sum_b grad loss_fn(model, batch_b)`` (the mean over batches of each batch's loss gradient),
@@ -55,6 +55,9 @@ def mean_gradients(model: nn.Module, batches: Iterable[Any], config: Optional[Ga
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; default ``model(**batch).loss``.
         max_batches: use at most this many batches.
         progress: show a tqdm progress bar.
+        group: under torch.distributed (initialized), the process group to average over (default: the world).
+            Each rank passes its own shard of the batches; the sums and batch counts are all-reduced, so every rank
+            gets the mean over all ranks' batches and ``select`` picks the identical set on every rank.
 
     Returns:
         parameter name -> fp32 mean gradient (same shape and device as the weight).
@@ -106,8 +109,23 @@ def mean_gradients(model: nn.Module, batches: Iterable[Any], config: Optional[Ga
             p.requires_grad_(flag)
             p.grad = grad
         model.train(was_training)
+    n_batches = _all_reduce_sums(acc, n_batches, group)
     if n_batches == 0:
         raise ValueError("batches is empty: mean_gradients needs at least one calibration batch")
     for buf in acc.values():
         buf.div_(n_batches)
     return acc
+
+
+def _all_reduce_sums(acc: "OrderedDict[str, torch.Tensor]", count: int, group: Any) -> int:
+    """Sum the accumulators and the count over the ranks of ``group`` (a no-op outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return count
+    device = next(iter(acc.values())).device
+    n = torch.tensor([count], dtype=torch.float64, device=device)
+    dist.all_reduce(n, group=group)
+    for buf in acc.values():
+        dist.all_reduce(buf, group=group)
+    return int(n.item())

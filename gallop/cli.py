@@ -99,7 +99,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       calib_examples=args.calib_examples, train_examples=args.train_examples,
                       eval_examples=args.eval_examples, device=args.device,
                       output_dir=args.output_dir or f"runs/finetune-{args.task if args.task in TASKS else 'jsonl'}",
-                      precision=args.precision, seed=args.seed, progress=not args.quiet)
+                      save_deltas=args.save_deltas, seed=args.seed, progress=not args.quiet)
     m = finetune(fa)
     v, t = m["vanilla"], m["finetuned"]
     print(f"\nGaLLoP ({fa.scorer}, {fa.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--train-examples", type=int, default=256)
     p.add_argument("--eval-examples", type=int, default=48, help="test examples per task (ID and each OOD)")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="adapter value precision")
+    p.add_argument("--save-deltas", action="store_true",
+                   help="also store the fp32 deltas in the adapter (to resume training exactly)")
     p.add_argument("--output-dir", default=None, help="default: runs/finetune-<task>")
     p.set_defaults(func=cmd_finetune)
     return parser

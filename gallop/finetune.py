@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .calibrate import mean_gradients
 from .config import GallopConfig
 from .evaluate import accuracy, collapsed_tasks, forget_ratio
-from .io import atomic_write
+from .adapters import atomic_write_text
 from .optim import SparseAdamW
 from .selection import select
 from .sparse import SparseModel
@@ -47,7 +47,7 @@ class FinetuneArgs:
     ood_tasks: list = field(default_factory=lambda: [t for t in TASKS])
     device: str = "cpu"
     output_dir: str = "runs/finetune"
-    precision: str = "bf16"
+    save_deltas: bool = False
     seed: int = 0
     progress: bool = True
 
@@ -61,8 +61,6 @@ class FinetuneArgs:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         unknown = [t for t in self.ood_tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown OOD tasks {unknown}; built-in tasks: {', '.join(TASKS)}")
@@ -186,7 +184,7 @@ def finetune(args: FinetuneArgs, model=None, tokenizer=None) -> dict:
     t0 = time.perf_counter()
     tuned = _evaluate(model, tokenizer, test, ood, args.progress, "fine-tuned")
     timings["eval_tuned_s"] = time.perf_counter() - t0
-    sparse.save_pretrained(out / "adapter", precision=args.precision)
+    sparse.save_pretrained(out / "adapter", save_deltas=args.save_deltas)
     _plot_loss(losses, out / "loss.png", f"GaLLoP {args.scorer} {100 * args.density:g}% on {args.task}")
 
     metrics = {
@@ -202,6 +200,5 @@ def finetune(args: FinetuneArgs, model=None, tokenizer=None) -> dict:
         "timings_s": timings,
         "train_tokens_per_s": tokens / max(1e-9, timings["train_s"]),
     }
-    text = json.dumps(metrics, indent=1)
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics

@@ -1,9 +1,12 @@
-"""SparseAdamW: a torch.optim.Optimizer running the fused gallop_kernels AdamW over the flat sparse delta."""
+"""SparseAdamW: a ``torch.optim.Optimizer`` running the fused gallop_kernels AdamW over the sparse deltas."""
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, Iterable, Optional, Union
+import numbers
+import warnings
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
@@ -11,98 +14,228 @@ import gallop_kernels
 
 from .sparse import SparseModel
 
+logger = logging.getLogger(__name__)
+NONFINITE = ("skip", "raise")
+
+
+def _number(name: str, v: Any, *, low: float = 0.0, low_open: bool = False) -> float:
+    """A finite real number >= low (> low when low_open), as float; numpy and 0-d tensor scalars accepted."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    f = float(v)
+    if not math.isfinite(f) or f < low or (low_open and f == low):
+        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low:g}, got {v!r}")
+    return f
+
+
+def flat_view(tensors: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """One flat fp32 tensor whose consecutive slices are ``tensors`` (the deltas of a SparseModel are), or None."""
+    first = tensors[0]
+    storage = first.untyped_storage()
+    ptr = first.data_ptr()
+    total = 0
+    for t in tensors:
+        if (t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() != ptr
+                or t.untyped_storage().data_ptr() != storage.data_ptr()):
+            return None
+        ptr += 4 * t.numel()
+        total += t.numel()
+    return first.detach().new_empty(0).set_(storage, first.storage_offset(), (total,))
+
 
 class SparseAdamW(torch.optim.Optimizer):
-    """AdamW over the sparse deltas (same math as ``torch.optim.AdamW``), one fused launch for the whole model.
+    """AdamW over the sparse deltas, with exactly ``torch.optim.AdamW``'s math, in one fused launch per group.
 
     Args:
-        params: a ``SparseModel`` (preferred: the weights are written back right after each step), or its
-            ``parameters()`` (the write-back then happens at the next forward).
+        params: a ``SparseModel``, or its ``parameters()`` / param groups. Either way the weights are written back
+            right after each step (by the SparseModel's optimizer step post-hook).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``. Decoupled weight decay shrinks the *delta*, so it
             pulls the fine-tuned weights toward the pretrained ones, not toward zero.
-        max_grad_norm: if set, clip the sparse gradient to this global L2 norm before each step.
-        step_in_backward: the fastest mode: each weight's post-accumulate-grad hook runs the fused
-            gather + AdamW + write-back for that tensor during the backward pass (no dense grad survives, the
-            optimizer overlaps with backward). ``step()`` then only advances the step count. It cannot combine
-            with gradient accumulation or global clipping (the update happens before all grads exist). Needs a
-            ``SparseModel``.
+        max_grad_norm: if set, clip the gradients to this global L2 norm before each step (like
+            ``clip_grad_norm_``; leave it None when the training loop clips, as the Trainer does).
+        nonfinite: what a step whose gradient holds NaN or Inf does: ``"skip"`` (default) leaves the deltas, the
+            moments and the step count untouched, counts it in ``skipped_steps`` and warns; ``"raise"`` raises
+            ``FloatingPointError``. Either way no non-finite value reaches a weight or the optimizer state.
 
-    Works with LR schedulers (``param_groups[*]["lr"]``), ``state_dict`` / ``load_state_dict``, and
-    ``torch.nn.utils.clip_grad_norm_(sparse.parameters(), ...)``.
+    All selected entries of a group are updated by one ``gallop_kernels.sparse_adamw_`` launch over flat buffers
+    (the deltas of a SparseModel are slices of one flat tensor). Works with LR schedulers, ``state_dict`` /
+    ``load_state_dict``, ``clip_grad_norm_`` and gradient accumulation.
     """
 
-    def __init__(self, params: Union[SparseModel, Iterable[torch.Tensor]], lr: float = 1e-3,
+    keeps_deltas_finite = True  # tells the write-back hook it need not check (a non-finite step is never taken)
+
+    def __init__(self, params: Union[SparseModel, Iterable[torch.Tensor], Iterable[dict]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
-                 max_grad_norm: Optional[float] = None, step_in_backward: bool = False) -> None:
-        for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        self._sparse = params if isinstance(params, SparseModel) else None
-        plist = list(self._sparse.parameters()) if self._sparse is not None else list(params)
-        for i, p in enumerate(plist):
-            if p.dtype != torch.float32 or not p.is_contiguous():
-                raise TypeError(f"params[{i}] must be a contiguous fp32 tensor (a SparseModel delta), got "
-                                f"{p.dtype}{'' if p.is_contiguous() else ', non-contiguous'}")
-        if step_in_backward and self._sparse is None:
-            raise ValueError("step_in_backward=True needs the SparseModel itself: SparseAdamW(sparse_model, ...)")
-        if step_in_backward and max_grad_norm is not None:
-            raise ValueError("step_in_backward=True cannot clip by the global norm (each tensor updates as soon as its "
-                             "gradient exists); use max_grad_norm=None or the default mode")
-        super().__init__(plist, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.max_grad_norm = max_grad_norm
-        self.step_in_backward = step_in_backward
+                 max_grad_norm: Optional[float] = None, nonfinite: str = "skip",
+                 step_in_backward: bool = False) -> None:
         if step_in_backward:
-            self._sparse._grad_callback = self._step_tensor
+            raise ValueError("step_in_backward was removed in gallop 0.2: delta gradients now come from autograd, so "
+                             "no dense gradient exists to free early and the default mode is as fast; drop the "
+                             "argument")
+        lr = _number("lr", lr)
+        eps = _number("eps", eps)
+        weight_decay = _number("weight_decay", weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        betas = tuple(_number(f"betas[{i}]", b) for i, b in enumerate(betas))
+        if not all(b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if max_grad_norm is not None:
+            max_grad_norm = _number("max_grad_norm", max_grad_norm, low_open=True)
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+        self._sparse = params if isinstance(params, SparseModel) else None
+        if self._sparse is not None:
+            params = self._sparse.trainable_parameters()
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.dtype != torch.float32 or not p.is_contiguous():
+                    raise TypeError(f"param_groups[{g}]['params'][{i}] must be a contiguous fp32 tensor (a "
+                                    f"SparseModel delta), got {p.dtype}{'' if p.is_contiguous() else ', non-contiguous'}")
+        self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._warned_missing = False
 
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return state
+    # ------------------------------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._packed.clear()  # the loaded moments are separate tensors: pack them again at the next step
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = int(st["step"].item())
 
-    @torch.no_grad()
-    def _step_tensor(self, i: int, dense_grad: torch.Tensor) -> None:
-        """Step-in-backward: gather + AdamW + write-back for selected tensor ``i``, from its dense gradient."""
-        sp = self._sparse
-        group = self.param_groups[0]
-        state = self._state(sp.delta)
-        beta1, beta2 = group["betas"]
-        gallop_kernels.sparse_adamw_step_(
-            sp._params[i].detach(), dense_grad, sp._indices[i], sp._slice(sp.base, i), sp._slice(sp.delta.detach(), i),
-            sp._slice(state["exp_avg"], i), sp._slice(state["exp_avg_sq"], i), step=int(state["step"]) + 1,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_packed"):
+            self._packed.clear()
 
+    def _moments(self, g: int, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat exp_avg / exp_avg_sq of group ``g``; each param's state holds views of them."""
+        packed = self._packed.get(g)
+        if packed is not None and self._views_of(packed, params):
+            return packed
+        n = sum(p.numel() for p in params)
+        device = params[0].device
+        m = torch.zeros(n, dtype=torch.float32, device=device)
+        v = torch.zeros(n, dtype=torch.float32, device=device)
+        offset = 0
+        for p in params:
+            st = self.state[p]
+            k = p.numel()
+            if "exp_avg" in st:
+                m[offset: offset + k].copy_(st["exp_avg"].reshape(-1))
+                v[offset: offset + k].copy_(st["exp_avg_sq"].reshape(-1))
+            st.setdefault("step", 0)
+            st["exp_avg"] = m[offset: offset + k].view_as(p)
+            st["exp_avg_sq"] = v[offset: offset + k].view_as(p)
+            offset += k
+        self._packed[g] = (m, v)
+        return m, v
+
+    def _views_of(self, packed, params) -> bool:
+        m, v = packed
+        offset = 0
+        for p in params:
+            st = self.state.get(p)
+            if not st or "exp_avg" not in st:
+                return False
+            if (st["exp_avg"].data_ptr() != m.data_ptr() + 4 * offset
+                    or st["exp_avg_sq"].data_ptr() != v.data_ptr() + 4 * offset):
+                return False
+            offset += p.numel()
+        return offset == m.numel()
+
+    # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.step_in_backward:  # the updates already ran in the backward hooks
-            for group in self.param_groups:
-                for p in group["params"]:
-                    self._state(p)["step"] += 1
-            self._sparse._synced_version = self._sparse.delta._version  # weights were written in the hooks
+        groups = []
+        for g, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                groups.append((g, group, params))
+        self._warn_missing_grads()
+        if not groups:
+            return loss
+        grads = [torch.cat([p.grad.reshape(-1) for p in params]) for _, _, params in groups]
+        finite = torch.stack([torch.isfinite(gr).all() for gr in grads]).all()
+        if not bool(finite):
+            self._nonfinite_step([p for _, _, ps in groups for p in ps])
             return loss
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], self.max_grad_norm)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._state(p)
-                state["step"] += 1
-                gallop_kernels.sparse_adamw_(p.detach().view(-1), p.grad.view(-1), state["exp_avg"].view(-1),
-                                             state["exp_avg_sq"].view(-1), step=int(state["step"]), lr=group["lr"],
-                                             beta1=beta1, beta2=beta2, eps=group["eps"],
-                                             weight_decay=group["weight_decay"])
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr) for gr in grads]))
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            for gr in grads:
+                gr.mul_(coef)
+        for (g, group, params), grad in zip(groups, grads):
+            self._step_group(g, group, params, grad)
+        return loss  # the SparseModel's optimizer step post-hook writes the weights back
+
+    def _step_group(self, g: int, group: dict, params: list[torch.Tensor], grad: torch.Tensor) -> None:
+        beta1, beta2 = group["betas"]
+        hp = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                  weight_decay=group["weight_decay"])
+        if len(params) == len(group["params"]):
+            m, v = self._moments(g, params)
+            steps = {int(self.state[p]["step"]) for p in params}
+            if len(steps) == 1:  # the common case: one launch for the whole group
+                step = steps.pop() + 1
+                flat = flat_view(params)
+                if flat is not None:  # the deltas are slices of one tensor: update it in place
+                    gallop_kernels.sparse_adamw_(flat, grad, m, v, step=step, **hp)
+                else:  # separate storages: update a packed copy, then copy back
+                    work = torch.cat([p.detach().reshape(-1) for p in params])
+                    gallop_kernels.sparse_adamw_(work, grad, m, v, step=step, **hp)
+                    torch._foreach_copy_([p.detach().view(-1) for p in params],
+                                         list(work.split([p.numel() for p in params])))
+                for p in params:
+                    self.state[p]["step"] = step
+                    torch.autograd.graph.increment_version(p)
+                return
+        # Some params have no grad this step (skipped, as torch.optim.AdamW skips them) or differ in step count.
+        offset = 0
+        for p in params:
+            st = self.state[p]
+            if "exp_avg" not in st:
+                self._moments(g, group["params"])
+                st = self.state[p]
+            st["step"] = int(st["step"]) + 1
+            k = p.numel()
+            gallop_kernels.sparse_adamw_(p.detach().reshape(-1), grad[offset: offset + k], st["exp_avg"].reshape(-1),
+                                         st["exp_avg_sq"].reshape(-1), step=st["step"], **hp)
+            torch.autograd.graph.increment_version(p)
+            offset += k
+
+    def _nonfinite_step(self, params: list[torch.Tensor]) -> None:
+        names = {}
         if self._sparse is not None:
-            self._sparse.sync()
-        return loss
+            names = {id(p): n for n, p in self._sparse.named_deltas().items()}
+        bad = [names.get(id(p), f"param {i}") for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all())]
+        msg = (f"the gradient holds NaN or Inf in {len(bad)} selected tensors (first: {bad[0]!r}); the step was "
+               f"skipped: deltas, moments and step count are unchanged")
+        if self.nonfinite == "raise":
+            raise FloatingPointError(msg + " (SparseAdamW(nonfinite='skip') skips such steps instead)")
+        self.skipped_steps += 1
+        warnings.warn(f"{msg} ({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=3)
+
+    def _warn_missing_grads(self) -> None:
+        if self._warned_missing or self._sparse is None:
+            return
+        missing = [n for n, p in self._sparse.named_deltas().items() if p.grad is None]
+        if missing and len(missing) < len(self._sparse.named_deltas()):
+            self._warned_missing = True
+            logger.warning("%d of %d selected tensors got no gradient this step (first: %r): they are skipped, as "
+                           "torch.optim.AdamW skips them. If the model uses these weights outside their module's "
+                           "forward, GaLLoP cannot train them", len(missing), len(self._sparse.named_deltas()),
+                           missing[0])
+

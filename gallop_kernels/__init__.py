@@ -5,7 +5,7 @@ Knows tensors, not models. Triton kernels on CUDA tensors, an exact pure-PyTorch
 """
 
 from ._backend import backend
-from .api import gather, scatter_, select_topk, sparse_adamw_, sparse_adamw_step_
+from .api import gather, scatter_, select_topk, sparse_adamw_, sparse_adamw_step_, weight_grad_at
 
-__all__ = ["select_topk", "sparse_adamw_", "sparse_adamw_step_", "gather", "scatter_", "backend"]
+__all__ = ["select_topk", "sparse_adamw_", "sparse_adamw_step_", "gather", "scatter_", "weight_grad_at", "backend"]
 __version__ = "0.1.0"

@@ -148,3 +148,16 @@ def check_scatter_args(dst, indices, values, base) -> None:
             raise ValueError(f"base must be 1-D with length {indices.numel()} (one per index), "
                              f"got shape {tuple(base.shape)}")
     check_same_device([("dst", dst), ("indices", indices), ("values", values), ("base", base)])
+
+
+def check_weight_grad_args(grad_output, input, indices) -> None:
+    check_float(grad_output, "grad_output")
+    check_float(input, "input")
+    if grad_output.dtype != input.dtype:
+        raise TypeError(f"grad_output is {grad_output.dtype} but input is {input.dtype}; cast both to one dtype "
+                        f"(the autocast dtype under autocast)")
+    if grad_output.dim() < 1 or input.dim() < 1 or grad_output.shape[:-1] != input.shape[:-1]:
+        raise ValueError(f"grad_output {tuple(grad_output.shape)} and input {tuple(input.shape)} must share their "
+                         f"leading (token) dimensions: [..., M] and [..., N]")
+    check_indices(indices)
+    check_same_device([("grad_output", grad_output), ("input", input), ("indices", indices)])

@@ -85,3 +85,15 @@ scatter_op = torch.library.custom_op("gallop::scatter_", scatter, mutates_args=(
 @scatter_op.register_fake
 def _(dst, indices, values, base) -> None:
     return None
+
+
+def weight_grad_at(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:
+    return implementation("weight_grad_at", grad_output.device)(grad_output, input, indices)
+
+
+weight_grad_at_op = torch.library.custom_op("gallop::weight_grad_at", weight_grad_at, mutates_args=())
+
+
+@weight_grad_at_op.register_fake
+def _(grad_output, input, indices):
+    return torch.empty(indices.shape, dtype=torch.float32, device=grad_output.device)

@@ -18,8 +18,21 @@ from ._backend import implementation
 
 def _compiling() -> bool:
     """Inside torch.compile tracing the ops go through torch.library (opaque, no graph break); in eager mode they
-    call their implementation directly (the custom-op dispatcher costs ~0.1 ms a call, 420 calls a step)."""
+    call their implementation directly (the custom-op dispatcher costs ~0.1 ms a call, and a step makes one call
+    per selected tensor)."""
     return torch.compiler.is_compiling()
+
+
+def _bump(*tensors: Optional[torch.Tensor]) -> None:
+    """Advance the autograd version counter of tensors an eager op wrote.
+
+    A Triton launch writes memory behind torch's back, so without this a tensor it changed keeps its version and
+    anything that watches versions (a lazy write-back, autograd's saved-tensor check) would miss the change. The
+    reference's in-place torch ops already bump; one more bump is harmless.
+    """
+    for t in tensors:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
 
 
 def select_topk(grads: Optional[Sequence[Optional[torch.Tensor]]], weights: Sequence[torch.Tensor], k: int, *,
@@ -70,7 +83,11 @@ def sparse_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
     _checks.check_adamw_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
     args = (param, grad, exp_avg, exp_avg_sq, step, float(lr), float(beta1), float(beta2), float(eps),
             float(weight_decay))
-    (_ops.sparse_adamw_op if _compiling() else _ops.sparse_adamw)(*args)
+    if _compiling():
+        _ops.sparse_adamw_op(*args)
+    else:
+        _ops.sparse_adamw(*args)
+        _bump(param, exp_avg, exp_avg_sq)
 
 
 def gather(src: torch.Tensor, indices: torch.Tensor, *, out: Optional[torch.Tensor] = None,
@@ -91,7 +108,11 @@ def gather(src: torch.Tensor, indices: torch.Tensor, *, out: Optional[torch.Tens
         raise ValueError("accumulate=True needs an out tensor to add into; pass out=...")
     if out is None:
         return (_ops.gather_op if _compiling() else _ops.gather)(src, indices)
-    (_ops.gather_into_op if _compiling() else _ops.gather_into)(src, indices, out, bool(accumulate))
+    if _compiling():
+        _ops.gather_into_op(src, indices, out, bool(accumulate))
+    else:
+        _ops.gather_into(src, indices, out, bool(accumulate))
+        _bump(out)
     return out
 
 
@@ -107,7 +128,11 @@ def scatter_(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *,
             The sum is computed in fp32 and rounded once to ``dst.dtype`` (round to nearest even).
     """
     _checks.check_scatter_args(dst, indices, values, base)
-    (_ops.scatter_op if _compiling() else _ops.scatter)(dst, indices, values, base)
+    if _compiling():
+        _ops.scatter_op(dst, indices, values, base)
+    else:
+        _ops.scatter(dst, indices, values, base)
+        _bump(dst)
 
 
 def sparse_adamw_step_(weight: torch.Tensor, weight_grad: torch.Tensor, indices: torch.Tensor,
@@ -130,4 +155,29 @@ def sparse_adamw_step_(weight: torch.Tensor, weight_grad: torch.Tensor, indices:
     _checks.check_same_device([("weight", weight), ("weight_grad", weight_grad), ("exp_avg", exp_avg)])
     args = (weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, step, float(lr), float(beta1),
             float(beta2), float(eps), float(weight_decay))
-    (_ops.sparse_adamw_step_op if _compiling() else _ops.sparse_adamw_step)(*args)
+    if _compiling():
+        _ops.sparse_adamw_step_op(*args)
+    else:
+        _ops.sparse_adamw_step(*args)
+        _bump(weight, delta, exp_avg, exp_avg_sq)
+
+
+def weight_grad_at(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of a linear layer at selected entries only: ``(G^T X).view(-1)[indices]`` in fp32.
+
+    Args:
+        grad_output: ``[..., M]`` (the gradient of the layer's output ``y = X W^T``), any float dtype.
+        input: ``[..., N]`` (the layer's input ``X``), the same dtype and the same leading (token) dimensions.
+        indices: 1-D int32/int64 flat indices into the ``[M, N]`` weight gradient, each in ``[0, M * N)``.
+
+    Returns:
+        fp32 ``[len(indices)]``: ``out[i] = sum_t G[t, r] * X[t, c]`` with ``(r, c) = divmod(indices[i], N)``, the
+        tokens ``t`` running over all leading dimensions. For a ``[N, M]`` weight stored transposed (transformers'
+        ``Conv1D``), pass ``(input, grad_output)``.
+
+    The reference (and today's CUDA path: there is no Triton kernel yet) computes the dense ``[M, N]`` product in
+    the inputs' dtype, as torch's linear backward does, and gathers; a sampled kernel that computes only the
+    selected entries may replace it where it is faster, agreeing within the inputs' dtype rounding.
+    """
+    _checks.check_weight_grad_args(grad_output, input, indices)
+    return (_ops.weight_grad_at_op if _compiling() else _ops.weight_grad_at)(grad_output, input, indices)

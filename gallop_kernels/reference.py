@@ -253,6 +253,18 @@ def scatter_(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *,
     dst.view(-1).index_copy_(0, indices.to(torch.int64), vals.to(dst.dtype))
 
 
+def weight_grad_at(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """fp32 ``(grad_output_2d^T @ input_2d).view(-1)[indices]``: the dense weight gradient, then a gather.
+
+    The product runs in the inputs' dtype (as torch's own linear backward does), so on bf16 activations it rounds
+    like the stock weight gradient before the gather.
+    """
+    g = grad_output.reshape(-1, grad_output.shape[-1])
+    x = input.reshape(-1, input.shape[-1])
+    dense = g.t().matmul(x)
+    return dense.reshape(-1).index_select(0, indices).to(torch.float32)
+
+
 def sparse_adamw_step_(weight: torch.Tensor, weight_grad: torch.Tensor, indices: torch.Tensor,
                        base: torch.Tensor, delta: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                        *, step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,

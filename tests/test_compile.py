@@ -24,6 +24,8 @@ def test_opcheck_all_ops():
     step_args = (w.clone(), torch.randn(6, 7, generator=gen), idx, torch.randn(4), torch.zeros(4), torch.zeros(4),
                  torch.zeros(4), 1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
     torch.library.opcheck(_ops.sparse_adamw_step_op, step_args)
+    torch.library.opcheck(_ops.weight_grad_at_op, (torch.randn(5, 6, generator=gen), torch.randn(5, 7, generator=gen),
+                                                   idx))
 
 
 def test_compiled_step_has_no_graph_break():

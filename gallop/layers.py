@@ -1,0 +1,178 @@
+"""How a selected module computes its forward pass and its delta gradient.
+
+A selected weight ``W`` always holds ``cast(base + delta)`` at its selected entries (the weights stay merged in
+place), so the forward pass is the stock computation on ``W``. The trainable state is the fp32 ``delta``, an
+``nn.Parameter`` of ``k`` entries that the module carries as ``gallop_delta``; ``W`` itself never requires grad.
+Its gradient comes from autograd:
+
+* ``nn.Linear`` and transformers' ``Conv1D`` run ``SparseLinearFunction``: forward ``y = x W^T + b`` (``x W + b``
+  for Conv1D) on the merged weight, saving ``x``; backward ``dx = dy W`` and
+  ``ddelta = gallop_kernels.weight_grad_at(dy, x, indices)``, the weight gradient at the selected entries only.
+* Any other module type (an embedding, a norm) runs its own forward with ``weight`` swapped for the output of
+  ``InjectDeltaFunction``: the same tensor, whose backward gathers the dense weight gradient at the selected
+  entries. That computes the module's dense weight gradient, once, for that tensor only.
+
+The module's ``forward`` is replaced on the instance (``install``) and restored by ``uninstall``; its state dict
+keys, type and weights are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gallop_kernels
+
+DELTA = "gallop_delta"  # the trainable fp32 delta (nn.Parameter) on each selected module
+INDICES = "gallop_indices"  # its sorted flat indices (non-persistent buffer)
+BASE = "gallop_base"  # the exact pretrained values at those indices, fp32 (non-persistent buffer)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections: a linear layer with the weight stored ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def kind_of(module: nn.Module) -> str:
+    """``linear`` (stock ``nn.Linear`` forward), ``conv1d`` (transformers' Conv1D) or ``generic``."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return "linear"
+    if is_conv1d(module):
+        return "conv1d"
+    return "generic"
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` (``x W + b`` when ``transposed``) whose only trainable input is the delta at ``indices``.
+
+    Inputs: ``x [..., in]``, the merged ``weight`` (``[out, in]``, or ``[in, out]`` transposed; never requires
+    grad), an optional ``bias``, ``delta`` (fp32 ``[k]``), ``indices`` (``[k]`` flat indices into the weight), and
+    ``cast_dtype`` (the autocast dtype, or None). Backward returns ``dx``, ``dbias`` when the bias requires grad,
+    and ``ddelta = weight_grad_at(...)`` in fp32; no dense weight gradient survives it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, indices, transposed: bool, cast_dtype: Optional[torch.dtype]):
+        w = weight if cast_dtype is None else weight.to(cast_dtype)
+        b = bias if bias is None or cast_dtype is None else bias.to(cast_dtype)
+        if transposed:
+            out = torch.matmul(x, w)
+            if b is not None:
+                out = out + b
+        else:
+            out = F.linear(x, w, b)
+        ctx.save_for_backward(x, weight, indices)
+        ctx.transposed = transposed
+        ctx.cast_dtype = cast_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, indices = ctx.saved_tensors
+        dx = dbias = ddelta = None
+        if ctx.needs_input_grad[0]:
+            w = weight if ctx.cast_dtype is None else weight.to(ctx.cast_dtype)
+            w = w.to(dy.dtype) if w.dtype != dy.dtype else w
+            dx = torch.matmul(dy, w.t() if ctx.transposed else w)
+        if ctx.needs_input_grad[2]:
+            dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
+        if ctx.needs_input_grad[3]:
+            g = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+            ddelta = (gallop_kernels.weight_grad_at(x, g, indices) if ctx.transposed
+                      else gallop_kernels.weight_grad_at(g, x, indices))
+        return dx, None, dbias, ddelta, None, None, None
+
+
+class InjectDeltaFunction(torch.autograd.Function):
+    """Returns ``weight`` unchanged; its backward hands the gradient at ``indices`` (fp32) to ``delta``."""
+
+    @staticmethod
+    def forward(ctx, weight, delta, indices):
+        ctx.save_for_backward(indices)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return None, gallop_kernels.gather(grad, indices), None
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: torch.Tensor,
+                  indices: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """The forward of a selected linear layer (autocast-aware: casts like ``F.linear`` under autocast)."""
+    if weight.requires_grad:
+        raise RuntimeError("a selected weight requires grad, but GaLLoP keeps dense weights frozen and trains their "
+                           "delta: do not set requires_grad on the weights of a SparseModel")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        cast_dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(cast_dtype)
+        with torch.autocast(device_type, enabled=False):
+            return SparseLinearFunction.apply(x, weight, bias, delta, indices, transposed, cast_dtype)
+    return SparseLinearFunction.apply(x, weight, bias, delta, indices, transposed, None)
+
+
+def _linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    return sparse_linear(input, self.weight, self.bias, getattr(self, DELTA), getattr(self, INDICES))
+
+
+def _conv1d_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    size_out = x.size()[:-1] + (self.nf,)
+    y = sparse_linear(x.reshape(-1, x.size(-1)), self.weight, self.bias, getattr(self, DELTA), getattr(self, INDICES),
+                      transposed=True)
+    return y.view(size_out)
+
+
+def _generic_forward(self: nn.Module, *args, **kwargs):
+    weight = self._parameters["weight"]
+    if weight.requires_grad:
+        raise RuntimeError("a selected weight requires grad, but GaLLoP keeps dense weights frozen and trains their "
+                           "delta: do not set requires_grad on the weights of a SparseModel")
+    self._parameters["weight"] = InjectDeltaFunction.apply(weight, getattr(self, DELTA), getattr(self, INDICES))
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        self._parameters["weight"] = weight
+
+
+_FORWARDS = {"linear": _linear_forward, "conv1d": _conv1d_forward, "generic": _generic_forward}
+
+
+class _SparseForward:
+    """The ``forward`` a selected module gets: a small object rather than a bound method, so that ``copy.deepcopy``
+    and pickle rebuild it bound to the copied module."""
+
+    def __init__(self, module: nn.Module, kind: str) -> None:
+        self.module = module
+        self.kind = kind
+
+    def __call__(self, *args, **kwargs):
+        return _FORWARDS[self.kind](self.module, *args, **kwargs)
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """Whether ``module.forward`` was replaced on the instance (by us, accelerate's hooks, another adapter...)."""
+    return "forward" in module.__dict__
+
+
+def install(module: nn.Module, delta: nn.Parameter, indices: torch.Tensor, base: torch.Tensor) -> None:
+    """Attach the delta state to ``module`` and route its forward through the sparse path."""
+    module.register_parameter(DELTA, delta)
+    module.register_buffer(INDICES, indices, persistent=False)
+    module.register_buffer(BASE, base, persistent=False)
+    module.forward = _SparseForward(module, kind_of(module))
+
+
+def uninstall(module: nn.Module) -> None:
+    """Undo ``install``: the module's own forward, no delta state."""
+    module.__dict__.pop("forward", None)
+    for name in (DELTA, INDICES, BASE):
+        if hasattr(module, name):
+            delattr(module, name)
+
+
+def is_installed(module: nn.Module) -> bool:
+    return hasattr(module, DELTA)

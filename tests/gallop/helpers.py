@@ -1,0 +1,69 @@
+"""Helpers shared by the gallop tests: tiny models with a selection, twins, a reference training loop."""
+
+from __future__ import annotations
+
+import torch
+
+from gallop import GallopConfig, SparseModel, mean_gradients, select
+
+from ..models import random_batches, tiny
+
+
+def weights(model) -> dict:
+    """The model's own parameters by name (without the ``gallop_delta`` parameters a SparseModel adds)."""
+    return {n: p for n, p in model.named_parameters() if not n.endswith("gallop_delta")}
+
+
+def snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in weights(model).items()}
+
+
+def changed_entries(model, before: dict) -> int:
+    return sum(int((p.detach() != before[n]).sum()) for n, p in weights(model).items())
+
+
+def setup(arch="llama", density=0.05, dtype=torch.float32, scorer="gallop", seed=0, **config):
+    """A tiny model and a selection on it."""
+    model = tiny(arch, dtype=dtype, seed=seed)
+    cfg = GallopConfig(density=density, scorer=scorer, **config)
+    grads = mean_gradients(model, random_batches(2), cfg, progress=False) if cfg.uses_gradients else None
+    return model, select(model, grads, cfg)
+
+
+def twins(**kw):
+    """Two identical tiny models wrapped with one selection: (sparse_1, model_1, sparse_2, model_2)."""
+    m1, sel = setup(**kw)
+    m2 = tiny(kw.get("arch", "llama"), dtype=kw.get("dtype", torch.float32), seed=kw.get("seed", 0))
+    return SparseModel(m1, sel), m1, SparseModel(m2, sel), m2
+
+
+def split(batch, n):
+    if n == 1:
+        return [batch]
+    return [{k: v.chunk(n)[i] for k, v in batch.items()} for i in range(n)]
+
+
+def train(model, opt, batches, accumulate=1):
+    """loss.backward (split into ``accumulate`` micro-batches), opt.step, opt.zero_grad per batch."""
+    for b in batches:
+        for part in split(b, accumulate):
+            (model(**part).loss / accumulate).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def tol(dtype):
+    """rtol/atol for comparing results that torch computes in ``dtype`` without a bitwise promise."""
+    eps = torch.finfo(dtype).eps
+    return dict(rtol=64 * eps, atol=64 * eps)
+
+
+def adam_tol(lr: float, steps: int, dtype=torch.float32):
+    """Tolerance for fp32 parameters after ``steps`` Adam updates whose gradients agree only to ``dtype`` rounding.
+
+    Each Adam update is normalized (about ``lr`` in size, ``lr * g / eps`` where ``g`` is near ``eps``), so gradient
+    rounding differences move an entry by a fraction of ``lr`` per step rather than by a fraction of its value: the
+    updates must agree to 1/1024 of their size, ``1024 * eps`` relative.
+    """
+    eps = torch.finfo(dtype).eps
+    return dict(rtol=1024 * eps, atol=lr * steps / 1024)
