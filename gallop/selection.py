@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Iterator, Mapping, Optional, Union
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -16,17 +16,20 @@ from .config import GallopConfig, ModulePattern
 
 def _is_default_target(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2's projections) is matched by name, so gallop imports transformers only lazily.
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D"
-                                             and type(module).__module__.startswith("transformers"))
+    return isinstance(module, nn.Linear) or (
+        type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+    )
 
 
 def _matches(name: str, pattern: ModulePattern) -> bool:
+    if pattern is None:
+        return False
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == s or name.endswith("." + s) for s in pattern)
 
 
-def eligible_parameters(model: nn.Module, config: Optional[GallopConfig] = None) -> "OrderedDict[str, nn.Parameter]":
+def eligible_parameters(model: nn.Module, config: GallopConfig | None = None) -> OrderedDict[str, nn.Parameter]:
     """The weights GaLLoP may select from, in ``model.named_parameters()`` order (shared weights once).
 
     Default: the ``weight`` of every ``nn.Linear`` (and transformers ``Conv1D``) except the output head
@@ -34,7 +37,8 @@ def eligible_parameters(model: nn.Module, config: Optional[GallopConfig] = None)
     of every module whose name matches (suffix list or regex), whatever its type. ``exclude_modules`` removes.
     """
     config = config or GallopConfig()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     head_weight = getattr(head, "weight", None) if head is not None else None
     wanted: set[int] = set()
     for mname, module in model.named_modules():
@@ -49,7 +53,7 @@ def eligible_parameters(model: nn.Module, config: Optional[GallopConfig] = None)
         if config.exclude_modules is not None and _matches(mname, config.exclude_modules):
             continue
         wanted.add(id(w))
-    out: "OrderedDict[str, nn.Parameter]" = OrderedDict()
+    out: OrderedDict[str, nn.Parameter] = OrderedDict()
     for pname, p in model.named_parameters():  # yields each shared parameter once, under its first name
         if id(p) in wanted:
             out[pname] = p
@@ -57,14 +61,15 @@ def eligible_parameters(model: nn.Module, config: Optional[GallopConfig] = None)
         raise ValueError(
             "no eligible weights: target_modules/exclude_modules matched no module with a floating weight "
             f"(target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}); "
-            "check the module names with model.named_modules()")
+            "check the module names with model.named_modules()"
+        )
     return out
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
-def layer_of(name: str) -> Optional[int]:
+def layer_of(name: str) -> int | None:
     """The block number in a parameter name (``model.layers.3.mlp.up_proj.weight`` -> 3), or None."""
     m = _LAYER_RE.search(name)
     return int(m.group(1)) if m else None
@@ -82,8 +87,9 @@ class Selection(Mapping[str, torch.Tensor]):
     Only tensors with at least one selected entry are keys; ``shapes`` holds every eligible tensor's shape.
     """
 
-    def __init__(self, indices: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
-                 config: GallopConfig) -> None:
+    def __init__(
+        self, indices: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], config: GallopConfig
+    ) -> None:
         self._indices = OrderedDict((n, i) for n, i in indices.items() if i.numel() > 0)
         self.shapes = OrderedDict((n, tuple(s)) for n, s in shapes.items())
         self.config = config
@@ -114,10 +120,10 @@ class Selection(Mapping[str, torch.Tensor]):
     def density(self) -> float:
         return self.num_selected / max(1, self.num_eligible)
 
-    def to(self, device: Union[str, torch.device]) -> "Selection":
+    def to(self, device: str | torch.device) -> Selection:
         return Selection({n: i.to(device) for n, i in self._indices.items()}, self.shapes, self.config)
 
-    def overlap(self, other: "Selection") -> float:
+    def overlap(self, other: Selection) -> float:
         """|self ∩ other| / |self|: the fraction of this selection's entries that ``other`` also selects."""
         common = 0
         for name, idx in self._indices.items():
@@ -126,9 +132,9 @@ class Selection(Mapping[str, torch.Tensor]):
                 common += int(torch.isin(a, b, assume_unique=True).sum())
         return common / max(1, self.num_selected)
 
-    def fraction_by(self, key: str = "module") -> "OrderedDict[str, tuple[int, int]]":
+    def fraction_by(self, key: str = "module") -> OrderedDict[str, tuple[int, int]]:
         """Selected and eligible counts grouped by ``module`` type (q_proj, ...) or by ``layer`` number."""
-        groups: "OrderedDict[str, list[int]]" = OrderedDict()
+        groups: OrderedDict[str, list[int]] = OrderedDict()
         for name, shape in self.shapes.items():
             if key == "module":
                 g = module_type_of(name)
@@ -144,9 +150,11 @@ class Selection(Mapping[str, torch.Tensor]):
         return OrderedDict((g, (s, e)) for g, (s, e) in groups.items())
 
     def __repr__(self) -> str:
-        return (f"Selection(scorer={self.config.scorer!r}, budget={self.config.budget!r}, "
-                f"{self.num_selected:,} of {self.num_eligible:,} entries ({100 * self.density:.3f}%) "
-                f"in {len(self)} of {len(self.shapes)} tensors)")
+        return (
+            f"Selection(scorer={self.config.scorer!r}, budget={self.config.budget!r}, "
+            f"{self.num_selected:,} of {self.num_eligible:,} entries ({100 * self.density:.3f}%) "
+            f"in {len(self)} of {len(self.shapes)} tensors)"
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -156,8 +164,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def select(model: nn.Module, grads: Optional[Mapping[str, torch.Tensor]],
-           config: Optional[GallopConfig] = None) -> Selection:
+def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: GallopConfig | None = None) -> Selection:
     """Select the entries to fine-tune: the top ``density`` fraction of scores over the eligible weights.
 
     Args:
@@ -177,17 +184,22 @@ def select(model: nn.Module, grads: Optional[Mapping[str, torch.Tensor]],
     total = sum(w.numel() for w in weights)
     k = round(config.density * total)
     if k < 1:
-        raise ValueError(f"density={config.density} selects 0 of the {total:,} eligible entries; "
-                         f"use density >= {1 / total:.3g}")
+        raise ValueError(
+            f"density={config.density} selects 0 of the {total:,} eligible entries; use density >= {1 / total:.3g}"
+        )
     g_list = None
     if config.uses_gradients:
         if grads is None:
-            raise ValueError(f"grads is None but scorer {config.scorer!r} needs gradients: pass "
-                             f"mean_gradients(model, batches, config), or use scorer='magnitude' or 'random'")
+            raise ValueError(
+                f"grads is None but scorer {config.scorer!r} needs gradients: pass "
+                f"mean_gradients(model, batches, config), or use scorer='magnitude' or 'random'"
+            )
         missing = [n for n in names if n not in grads]
         if missing:
-            raise ValueError(f"grads lacks {len(missing)} eligible weights, e.g. {missing[:3]}; compute them with "
-                             f"the same config: mean_gradients(model, batches, config)")
+            raise ValueError(
+                f"grads lacks {len(missing)} eligible weights, e.g. {missing[:3]}; compute them with "
+                f"the same config: mean_gradients(model, batches, config)"
+            )
         g_list = [grads[n] for n in names]
         for n, g, w in zip(names, g_list, weights):
             if tuple(g.shape) != tuple(w.shape):
@@ -195,8 +207,7 @@ def select(model: nn.Module, grads: Optional[Mapping[str, torch.Tensor]],
             if g.device != w.device:
                 raise ValueError(f"grads[{n!r}] is on {g.device} but the weight is on {w.device}")
     if config.budget == "global":
-        idx = gallop_kernels.select_topk(g_list, weights, k, scorer=config.scorer, eps=config.eps,
-                                         seed=config.seed)
+        idx = gallop_kernels.select_topk(g_list, weights, k, scorer=config.scorer, eps=config.eps, seed=config.seed)
     else:
         idx = []
         for pos, w in enumerate(weights):
@@ -206,7 +217,11 @@ def select(model: nn.Module, grads: Optional[Mapping[str, torch.Tensor]],
                 continue
             g_t = None if g_list is None else [g_list[pos]]
             # a distinct random stream per tensor (each call sees its tensor at position 0)
-            idx.append(gallop_kernels.select_topk(g_t, [w], k_t, scorer=config.scorer, eps=config.eps,
-                                                  seed=config.seed * 1_000_003 + pos)[0])
-    return Selection(OrderedDict(zip(names, idx)), OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights)),
-                     config)
+            idx.append(
+                gallop_kernels.select_topk(
+                    g_t, [w], k_t, scorer=config.scorer, eps=config.eps, seed=config.seed * 1_000_003 + pos
+                )[0]
+            )
+    return Selection(
+        OrderedDict(zip(names, idx)), OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights)), config
+    )

@@ -29,8 +29,9 @@ import logging
 import math
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,26 +108,32 @@ def _check_selection(model: nn.Module, selection: Selection) -> tuple[list[str],
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, SparseModel):
-        raise ValueError("model is already a SparseModel; wrap the plain model (sparse.model), or call "
-                         "merge_and_unload() first")
+        raise ValueError(
+            "model is already a SparseModel; wrap the plain model (sparse.model), or call merge_and_unload() first"
+        )
     if not isinstance(selection, Selection):
         raise TypeError(f"selection must be a gallop.Selection (from gallop.select), got {type(selection).__name__}")
     if selection.num_selected == 0:
         raise ValueError("selection is empty: nothing to train; select with a larger density")
     if any(layers.is_installed(m) for m in model.modules()):
-        raise ValueError("this model is already wrapped by a SparseModel (its modules carry gallop deltas): call "
-                         "merge_and_unload() on that wrapper first, or keep using it")
+        raise ValueError(
+            "this model is already wrapped by a SparseModel (its modules carry gallop deltas): call "
+            "merge_and_unload() on that wrapper first, or keep using it"
+        )
     params = dict(model.named_parameters())
     names = list(selection)
     indices = []
     for name in names:
         if name not in params:
-            raise ValueError(f"selection names {name!r}, which is not a parameter of this model: was it made for "
-                             f"another model?")
+            raise ValueError(
+                f"selection names {name!r}, which is not a parameter of this model: was it made for another model?"
+            )
         p = params[name]
         if tuple(p.shape) != tuple(selection.shapes[name]):
-            raise ValueError(f"selection expects {name!r} of shape {tuple(selection.shapes[name])} but the model's is "
-                             f"{tuple(p.shape)}: was it made for another model?")
+            raise ValueError(
+                f"selection expects {name!r} of shape {tuple(selection.shapes[name])} but the model's is "
+                f"{tuple(p.shape)}: was it made for another model?"
+            )
         if not p.dtype.is_floating_point:
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only floating weights can be trained")
         if not p.is_contiguous():
@@ -141,8 +148,10 @@ def _check_selection(model: nn.Module, selection: Selection) -> tuple[list[str],
         indices.append(idx)
     devices = {params[n].device for n in names}
     if len(devices) > 1:
-        raise ValueError(f"the selected weights live on several devices ({sorted(map(str, devices))}); SparseModel "
-                         f"needs them on one (load the model without a multi-device device_map)")
+        raise ValueError(
+            f"the selected weights live on several devices ({sorted(map(str, devices))}); SparseModel "
+            f"needs them on one (load the model without a multi-device device_map)"
+        )
     return names, params, indices
 
 
@@ -159,10 +168,11 @@ def _check_same_selection_on_all_ranks(fingerprint: int, k: int, device: torch.d
         raise RuntimeError(
             f"the ranks hold different GaLLoP selections (rank {dist.get_rank(group)}: {k:,} entries, fingerprint "
             f"{fingerprint:014x}): select once with mean_gradients(..., group) so every rank averages the same "
-            f"gradient, or select on rank 0 and broadcast the Selection")
+            f"gradient, or select on rank 0 and broadcast the Selection"
+        )
 
 
-_LIVE: "weakref.WeakSet[SparseModel]" = weakref.WeakSet()  # every SparseModel not yet unloaded
+_LIVE: weakref.WeakSet[SparseModel] = weakref.WeakSet()  # every SparseModel not yet unloaded
 
 
 def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
@@ -177,15 +187,15 @@ def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
         sparse._write_after_step(ids, check_finite=check)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _install_optimizer_hook() -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     register_optimizer_step_post_hook(_after_any_optimizer_step)
 
 
-@functools.lru_cache(maxsize=None)
-def _wrapper_class(model_cls: type) -> type:
+@functools.cache
+def _wrapper_class(model_cls: Any) -> type:
     """``SparseModel`` specialised to ``model_cls``: its ``forward`` shows the model's signature, so tools that
     read it (the Trainer's label names and dataset columns) see the model's arguments."""
     signature = inspect.signature(model_cls.forward)
@@ -199,9 +209,9 @@ def _wrapper_class(model_cls: type) -> type:
     return type(name, (SparseModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
 
 
-def _rebuild(model_cls: type) -> "SparseModel":
+def _rebuild(model_cls: type) -> SparseModel:
     cls = _wrapper_class(model_cls)
-    return cls.__new__(cls)
+    return SparseModel.__new__(cls)
 
 
 class SparseModel(nn.Module):
@@ -228,13 +238,17 @@ class SparseModel(nn.Module):
         for name in names:
             mods = owners.get(id(params[name]), [])
             if not mods:
-                raise ValueError(f"{name!r} is not the weight of any module, so GaLLoP cannot route its gradient; "
-                                 f"exclude it from target_modules")
+                raise ValueError(
+                    f"{name!r} is not the weight of any module, so GaLLoP cannot route its gradient; "
+                    f"exclude it from target_modules"
+                )
             for m in mods:
                 if layers.has_own_forward(m):
-                    raise ValueError(f"the module owning {name!r} has its forward replaced on the instance (accelerate "
-                                     f"hooks or another adapter); GaLLoP needs plain modules: load the model without "
-                                     f"offloading hooks")
+                    raise ValueError(
+                        f"the module owning {name!r} has its forward replaced on the instance (accelerate "
+                        f"hooks or another adapter); GaLLoP needs plain modules: load the model without "
+                        f"offloading hooks"
+                    )
         device = params[names[0]].device
         fingerprint = selection_fingerprint(names, indices)
         k = sum(int(i.numel()) for i in indices)
@@ -259,9 +273,9 @@ class SparseModel(nn.Module):
         offset = 0
         for name, idx in zip(names, indices):
             n = int(idx.numel())
-            base = flat_base[offset: offset + n]
+            base = flat_base[offset : offset + n]
             gallop_kernels.gather(params[name].detach(), idx, out=base)
-            delta = nn.Parameter(flat_delta[offset: offset + n])
+            delta = nn.Parameter(flat_delta[offset : offset + n])
             self._register_delta(name, delta)
             mods = owners[id(params[name])]
             for m in mods:
@@ -270,11 +284,13 @@ class SparseModel(nn.Module):
             offset += n
         for t in self._targets:
             t.synced_version = t.delta._version
-        self._handles = [model.register_forward_pre_hook(self._pre_forward_hook),
-                         model.register_state_dict_pre_hook(self._state_dict_hook)]
+        self._handles = [
+            model.register_forward_pre_hook(self._pre_forward_hook),
+            model.register_state_dict_pre_hook(self._state_dict_hook),
+        ]
         self._register_load_state_dict_pre_hook(self._check_loaded_fingerprint)
         self.register_load_state_dict_post_hook(self._after_load)
-        self.__class__ = _wrapper_class(type(model))
+        self.__class__ = _wrapper_class(type(model))  # type: ignore[arg-type]
         _install_optimizer_hook()
         _LIVE.add(self)
 
@@ -315,7 +331,7 @@ class SparseModel(nn.Module):
         self._check_live()
         return self._model(*args, **kwargs)
 
-    def train(self, mode: bool = True) -> "SparseModel":
+    def train(self, mode: bool = True) -> SparseModel:
         super().train(mode)
         self._model.train(mode)
         return self
@@ -326,8 +342,10 @@ class SparseModel(nn.Module):
         device = self._targets[0].delta.device
         for dtype in {torch.float32, *(t.weight.dtype for t in self._targets)}:
             if fn(torch.empty(0, dtype=dtype, device=device)).dtype != dtype:
-                raise RuntimeError(f"a SparseModel keeps its weights' dtypes and fp32 deltas: cast the model before "
-                                   f"wrapping it (this call would turn {dtype} into another dtype)")
+                raise RuntimeError(
+                    f"a SparseModel keeps its weights' dtypes and fp32 deltas: cast the model before "
+                    f"wrapping it (this call would turn {dtype} into another dtype)"
+                )
         self._model._apply(fn, recurse)
         super()._apply(fn, recurse)
         self._reflatten()
@@ -340,7 +358,7 @@ class SparseModel(nn.Module):
         offset = 0
         with torch.no_grad():
             for d in deltas:
-                d.data = flat[offset: offset + d.numel()]
+                d.data = flat[offset : offset + d.numel()]
                 offset += d.numel()
         for t in self._targets:
             t.synced_version = -1  # write back at the next forward: a move may have reset the version counters
@@ -357,16 +375,19 @@ class SparseModel(nn.Module):
                 out[key] = out[key].clone()  # own storage each: safetensors refuses tensors that share memory
         return out
 
-    def _check_loaded_fingerprint(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                  error_msgs) -> None:
+    def _check_loaded_fingerprint(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         key = prefix + "selection_fingerprint"
         if key in state_dict:
             loaded = int(state_dict[key].reshape(-1)[0])
             mine = int(self.selection_fingerprint.reshape(-1)[0])
             if loaded != mine:
-                raise ValueError(f"this state dict was saved for another GaLLoP selection (fingerprint {loaded:014x}, "
-                                 f"this SparseModel has {mine:014x}): load it onto a SparseModel built with the same "
-                                 f"selection, e.g. SparseModel.from_pretrained on a saved adapter")
+                raise ValueError(
+                    f"this state dict was saved for another GaLLoP selection (fingerprint {loaded:014x}, "
+                    f"this SparseModel has {mine:014x}): load it onto a SparseModel built with the same "
+                    f"selection, e.g. SparseModel.from_pretrained on a saved adapter"
+                )
 
     def _after_load(self, module, incompatible_keys) -> None:
         for t in self._targets:
@@ -377,9 +398,11 @@ class SparseModel(nn.Module):
     @torch.compiler.disable  # eager bookkeeping: compiled graphs must not trace (and recompile on) the write loop
     def _pre_forward_hook(self, module, args) -> None:
         if not self._merged and torch.is_grad_enabled() and module.training:
-            raise RuntimeError("the SparseModel is unmerged (its weights hold the pretrained values), so training now "
-                               "would compute gradients at the wrong point: call merge() before training (unmerged "
-                               "evaluation under torch.no_grad() or model.eval() is fine)")
+            raise RuntimeError(
+                "the SparseModel is unmerged (its weights hold the pretrained values), so training now "
+                "would compute gradients at the wrong point: call merge() before training (unmerged "
+                "evaluation under torch.no_grad() or model.eval() is fine)"
+            )
         self.sync()
 
     def _state_dict_hook(self, *args, **kwargs) -> None:
@@ -416,7 +439,8 @@ class SparseModel(nn.Module):
             raise FloatingPointError(
                 f"the deltas of {len(bad)} selected weights hold NaN or Inf (first: {bad[0]!r}), so they were not "
                 f"written into the weights (which still hold the last finite values). An optimizer stepped on a "
-                f"non-finite gradient: use gallop.SparseAdamW (it skips such steps) or lower the learning rate")
+                f"non-finite gradient: use gallop.SparseAdamW (it skips such steps) or lower the learning rate"
+            )
 
     def write_back(self) -> None:
         """Write ``cast(base + delta)`` into every selected weight now (what ``SparseAdamW`` calls after a step)."""
@@ -428,8 +452,10 @@ class SparseModel(nn.Module):
     def _write(self, targets) -> None:
         for t in targets:
             if t.delta.dtype != torch.float32 or t.base.dtype != torch.float32:
-                raise RuntimeError(f"the delta or base of {t.name!r} was cast to {t.delta.dtype}/{t.base.dtype}; "
-                                   f"GaLLoP keeps them in fp32: cast the model before wrapping it")
+                raise RuntimeError(
+                    f"the delta or base of {t.name!r} was cast to {t.delta.dtype}/{t.base.dtype}; "
+                    f"GaLLoP keeps them in fp32: cast the model before wrapping it"
+                )
             gallop_kernels.scatter_(t.weight.detach(), t.indices, t.delta.detach(), base=t.base)
             t.synced_version = t.delta._version
 
@@ -462,7 +488,7 @@ class SparseModel(nn.Module):
         """The selected weights' names, in selection order."""
         return [t.name for t in self._targets]
 
-    def named_deltas(self) -> "OrderedDict[str, nn.Parameter]":
+    def named_deltas(self) -> OrderedDict[str, nn.Parameter]:
         """Weight name -> its trainable fp32 delta (the parameters, in selection order)."""
         return OrderedDict((t.name, t.delta) for t in self._targets)
 
@@ -484,8 +510,10 @@ class SparseModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print the trainable count against the model's total, as PEFT does."""
         total = sum(p.numel() for p in self._model.parameters())  # the deltas included, as PEFT counts
-        print(f"trainable params: {self.num_selected:,} || all params: {total:,} || "
-              f"trainable%: {100 * self.num_selected / max(1, total):.4f}")
+        print(
+            f"trainable params: {self.num_selected:,} || all params: {total:,} || "
+            f"trainable%: {100 * self.num_selected / max(1, total):.4f}"
+        )
 
     def merge(self) -> nn.Module:
         """Make the weights hold ``cast(base + delta)`` (the default state); returns the model."""
@@ -534,8 +562,17 @@ class SparseModel(nn.Module):
         for t in self._targets:
             base = t.base.detach().cpu()
             delta = t.delta.detach().cpu()
-            out.append(TargetState(t.name, tuple(t.weight.shape), t.weight.dtype, t.indices.to("cpu", torch.int64),
-                                   base, delta.clone(), (base + delta).to(t.weight.dtype)))
+            out.append(
+                TargetState(
+                    t.name,
+                    tuple(t.weight.shape),
+                    t.weight.dtype,
+                    t.indices.to("cpu", torch.int64),
+                    base,
+                    delta.clone(),
+                    (base + delta).to(t.weight.dtype),
+                )
+            )
         return out
 
     @torch.no_grad()
@@ -550,8 +587,7 @@ class SparseModel(nn.Module):
         if self._merged:
             self._write(self._targets)
 
-    def set_values_(self, values: Mapping[str, torch.Tensor],
-                    deltas: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    def set_values_(self, values: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor] | None = None) -> None:
         """Make every selected entry hold exactly ``values[name]`` (in the weight's dtype), and set the deltas.
 
         With ``deltas`` (fp32) they are used as they are, after checking that ``cast(base + delta) == values``.
@@ -564,13 +600,24 @@ class SparseModel(nn.Module):
             if t.name not in values:
                 raise ValueError(f"values has no entry for the selected weight {t.name!r}")
             d = None if deltas is None else deltas.get(t.name)
-            out[t.name] = deltas_for_values(t.name, values[t.name].to(t.base.device), t.base, t.weight.dtype,
-                                            None if d is None else d.to(t.base.device))
+            out[t.name] = deltas_for_values(
+                t.name,
+                values[t.name].to(t.base.device),
+                t.base,
+                t.weight.dtype,
+                None if d is None else d.to(t.base.device),
+            )
         self.load_deltas_(out)
 
     # ------------------------------------------------------------------------------------------ adapters
-    def save_pretrained(self, directory, *, save_deltas: bool = False, precision: Optional[str] = None,
-                        metrics: Optional[Mapping[str, Any]] = None) -> None:
+    def save_pretrained(
+        self,
+        directory,
+        *,
+        save_deltas: bool = False,
+        precision: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
         """Save the adapter to ``directory`` (PEFT's layout; see ``gallop.adapters``), atomically.
 
         The trained entries are stored in the weight's own dtype, so ``from_pretrained`` onto the pretrained model
@@ -591,11 +638,13 @@ class SparseModel(nn.Module):
         config = self.adapter_config(states)
         if metrics:
             config["metrics"] = {str(k): (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
-        tensors = [adapters.AdapterTensor(s.name, s.shape, s.dtype, s.indices, s.values,
-                                          s.delta if save_deltas else None) for s in states]
+        tensors = [
+            adapters.AdapterTensor(s.name, s.shape, s.dtype, s.indices, s.values, s.delta if save_deltas else None)
+            for s in states
+        ]
         adapters.write_adapter(directory, tensors, config, model_card=adapters.model_card(config))
 
-    def adapter_config(self, states: Optional[list[TargetState]] = None) -> dict:
+    def adapter_config(self, states: list[TargetState] | None = None) -> dict:
         """The config an adapter of this SparseModel records (without the per-tensor part)."""
         from . import adapters
 
@@ -610,8 +659,9 @@ class SparseModel(nn.Module):
             "num_eligible": self.selection.num_eligible,
             "num_parameters": sum(p.numel() for p in self._model.parameters()) - self.num_selected,
             "eligible_shapes": {n: list(s) for n, s in self.selection.shapes.items()},
-            "base_fingerprint": adapters.base_fingerprint([s.name for s in states], [s.shape for s in states],
-                                                          [s.dtype for s in states], [s.base for s in states]),
+            "base_fingerprint": adapters.base_fingerprint(
+                [s.name for s in states], [s.shape for s in states], [s.dtype for s in states], [s.base for s in states]
+            ),
         }
 
     def load_adapter_(self, directory) -> None:
@@ -622,25 +672,34 @@ class SparseModel(nn.Module):
         adapter = adapters.read_adapter(directory)
         names = [t.name for t in adapter.tensors]
         if names != self.target_names or any(
-                not torch.equal(a.indices, t.indices.to("cpu", torch.int64))
-                for a, t in zip(adapter.tensors, self._targets)):
-            raise ValueError(f"the adapter in {str(directory)!r} was saved for another selection: load it with "
-                             f"SparseModel.from_pretrained(base_model, path) instead")
+            not torch.equal(a.indices, t.indices.to("cpu", torch.int64)) for a, t in zip(adapter.tensors, self._targets)
+        ):
+            raise ValueError(
+                f"the adapter in {str(directory)!r} was saved for another selection: load it with "
+                f"SparseModel.from_pretrained(base_model, path) instead"
+            )
         states = self.export_state()
-        fingerprint = adapters.base_fingerprint(names, [s.shape for s in states], [s.dtype for s in states],
-                                                [s.base for s in states])
+        fingerprint = adapters.base_fingerprint(
+            names, [s.shape for s in states], [s.dtype for s in states], [s.base for s in states]
+        )
         if fingerprint != adapter.config["base_fingerprint"]:
             raise ValueError(f"the adapter in {str(directory)!r} was trained on another base model")
         deltas = {}
         for a, t in zip(adapter.tensors, self._targets):
-            values = a.values if a.values is not None else (t.base.cpu() + a.deltas).to(a.dtype)
-            deltas[a.name] = deltas_for_values(a.name, values.to(t.base.device), t.base, a.dtype,
-                                               None if a.deltas is None else a.deltas.to(t.base.device))
+            values = a.values if a.values is not None else (t.base.cpu() + _stored(a.deltas)).to(a.dtype)
+            deltas[a.name] = deltas_for_values(
+                a.name,
+                values.to(t.base.device),
+                t.base,
+                a.dtype,
+                None if a.deltas is None else a.deltas.to(t.base.device),
+            )
         self.load_deltas_(deltas)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory, *, revision: Optional[str] = None,
-                        process_group: Any = None) -> "SparseModel":
+    def from_pretrained(
+        cls, model: nn.Module, directory, *, revision: str | None = None, process_group: Any = None
+    ) -> SparseModel:
         """Wrap ``model`` (the pretrained base, unmodified) with the adapter in ``directory`` (a folder, or a Hub
         repo id resolved through ``huggingface_hub``).
 
@@ -661,35 +720,45 @@ class SparseModel(nn.Module):
                 raise ValueError(f"the adapter trains {t.name!r}, which this model does not have: wrong base model")
             p = params[t.name]
             if tuple(p.shape) != t.shape or p.dtype != t.dtype:
-                raise ValueError(f"the adapter expects {t.name!r} as {t.dtype}{list(t.shape)} but the model has "
-                                 f"{p.dtype}{list(p.shape)}: wrong base model or dtype (load the model with "
-                                 f"dtype={t.dtype})")
+                raise ValueError(
+                    f"the adapter expects {t.name!r} as {t.dtype}{list(t.shape)} but the model has "
+                    f"{p.dtype}{list(p.shape)}: wrong base model or dtype (load the model with "
+                    f"dtype={t.dtype})"
+                )
             if t.indices.numel() and int(t.indices[-1]) >= p.numel():
                 raise ValueError(f"the adapter's indices for {t.name!r} run past the weight: the adapter is damaged")
-            idx = t.indices.to(p.device, torch.int32 if p.numel() < 2**31 else torch.int64)
+            idx = t.indices.to(p.device, gallop_kernels.index_dtype(p.numel()))
             indices[t.name] = idx
             bases.append(gallop_kernels.gather(p.detach(), idx))
         names = [t.name for t in adapter.tensors]
-        fingerprint = adapters.base_fingerprint(names, [t.shape for t in adapter.tensors],
-                                                [t.dtype for t in adapter.tensors], bases)
+        fingerprint = adapters.base_fingerprint(
+            names, [t.shape for t in adapter.tensors], [t.dtype for t in adapter.tensors], bases
+        )
         if fingerprint != adapter.config["base_fingerprint"]:
-            raise ValueError("the model's weights at the adapter's entries differ from the base it was trained on: "
-                             "wrong base model, or an adapter is already merged into it (load onto the pristine base)")
+            raise ValueError(
+                "the model's weights at the adapter's entries differ from the base it was trained on: "
+                "wrong base model, or an adapter is already merged into it (load onto the pristine base)"
+            )
         deltas = {}
         for t, base in zip(adapter.tensors, bases):
-            values = t.values if t.values is not None else (base.cpu() + t.deltas).to(t.dtype)
-            deltas[t.name] = deltas_for_values(t.name, values.to(base.device), base, t.dtype,
-                                               None if t.deltas is None else t.deltas.to(base.device))
+            values = t.values if t.values is not None else (base.cpu() + _stored(t.deltas)).to(t.dtype)
+            deltas[t.name] = deltas_for_values(
+                t.name, values.to(base.device), base, t.dtype, None if t.deltas is None else t.deltas.to(base.device)
+            )
         shapes = adapter.config.get("eligible_shapes") or {t.name: list(t.shape) for t in adapter.tensors}
-        selection = Selection(indices, OrderedDict((n, tuple(s)) for n, s in shapes.items()),
-                              GallopConfig.from_dict(adapter.config["gallop_config"]))
+        selection = Selection(
+            indices,
+            OrderedDict((n, tuple(s)) for n, s in shapes.items()),
+            GallopConfig.from_dict(adapter.config["gallop_config"]),
+        )
         sparse = cls(model, selection, process_group=process_group)
         sparse.load_deltas_(deltas)
         return sparse
 
 
-def deltas_for_values(name: str, values: torch.Tensor, base: torch.Tensor, dtype: torch.dtype,
-                      deltas: Optional[torch.Tensor] = None) -> torch.Tensor:
+def deltas_for_values(
+    name: str, values: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, deltas: torch.Tensor | None = None
+) -> torch.Tensor:
     """fp32 deltas with ``cast(base + delta) == values`` exactly, for the selected weight ``name``.
 
     Given ``deltas`` are checked and returned; otherwise ``values - base`` is nudged by fp32 ulps where the sum
@@ -701,8 +770,9 @@ def deltas_for_values(name: str, values: torch.Tensor, base: torch.Tensor, dtype
     if deltas is not None:
         d = deltas.reshape(-1).to(torch.float32)
         if d.numel() != base.numel() or not torch.equal((base + d).to(dtype), values):
-            raise ValueError(f"the stored deltas of {name!r} do not reproduce its stored values: the adapter is "
-                             f"damaged")
+            raise ValueError(
+                f"the stored deltas of {name!r} do not reproduce its stored values: the adapter is damaged"
+            )
         return d.clone()
     target = values.to(torch.float32)
     d = target - base
@@ -713,17 +783,24 @@ def deltas_for_values(name: str, values: torch.Tensor, base: torch.Tensor, dtype
             return d
         direction = torch.where(got[bad].to(torch.float32) < target[bad], math.inf, -math.inf)
         d[bad] = torch.nextafter(d[bad], direction.to(torch.float32))
-    raise ValueError(f"could not reconstruct fp32 deltas of {name!r} that reproduce the stored values exactly; save "
-                     f"the adapter with save_deltas=True")
+    raise ValueError(
+        f"could not reconstruct fp32 deltas of {name!r} that reproduce the stored values exactly; save "
+        f"the adapter with save_deltas=True"
+    )
+
+
+def _stored(deltas: torch.Tensor | None) -> torch.Tensor:
+    """A legacy adapter's deltas (it stored deltas, not values, so they are always there)."""
+    if deltas is None:
+        raise ValueError("the adapter stores neither values nor deltas for a tensor: it is damaged")
+    return deltas
 
 
 def _version() -> str:
-    from . import __version__
-
-    return __version__
+    return gallop_kernels.__version__
 
 
-def _resolve_adapter_path(path_or_id, revision: Optional[str]):
+def _resolve_adapter_path(path_or_id, revision: str | None):
     """A local folder as is; anything else is taken for a Hub repo id and fetched (cached) by huggingface_hub."""
     from pathlib import Path
 
@@ -733,12 +810,13 @@ def _resolve_adapter_path(path_or_id, revision: Optional[str]):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:  # pragma: no cover - transformers depends on it
-            raise FileNotFoundError(f"{path_or_id!r} is not a folder, and huggingface_hub is not installed to fetch "
-                                    f"it from the Hub") from None
+            raise FileNotFoundError(
+                f"{path_or_id!r} is not a folder, and huggingface_hub is not installed to fetch it from the Hub"
+            ) from None
         try:
             return Path(snapshot_download(path_or_id, revision=revision))
         except Exception as e:  # offline, no such repo, no access: one clear error
-            raise FileNotFoundError(f"{path_or_id!r} is not a local folder and could not be fetched from the Hub "
-                                    f"({type(e).__name__}: {e})") from None
+            raise FileNotFoundError(
+                f"{path_or_id!r} is not a local folder and could not be fetched from the Hub ({type(e).__name__}: {e})"
+            ) from None
     return Path(path_or_id)
-

@@ -10,7 +10,6 @@ optimizer and scheduler state), resumed exactly by ``train(resume_from_checkpoin
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from transformers import Trainer
@@ -31,8 +30,7 @@ class GallopTrainer(Trainer):
             clipping (``max_grad_norm``), accumulation, schedulers, bf16 and ``report_to`` are the Trainer's own.
     """
 
-    def __init__(self, *, sparse_model: Optional[SparseModel] = None, step_in_backward: bool = False,
-                 **kwargs) -> None:
+    def __init__(self, *, sparse_model: SparseModel | None = None, step_in_backward: bool = False, **kwargs) -> None:
         if step_in_backward:
             raise ValueError("step_in_backward was removed in gallop 0.2 (the default step is as fast now); drop it")
         model = kwargs.pop("model", None)
@@ -47,14 +45,18 @@ class GallopTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             args = self.args
-            self.optimizer = SparseAdamW(self.sparse_model, lr=args.learning_rate,
-                                         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                         weight_decay=args.weight_decay)
+            self.optimizer = SparseAdamW(
+                self.sparse_model,
+                lr=args.learning_rate,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+                weight_decay=args.weight_decay,
+            )
         return self.optimizer
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints and ``save_model()`` write the adapter (with fp32 deltas), not the model."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
         self.sparse_model.save_pretrained(output_dir, save_deltas=True)

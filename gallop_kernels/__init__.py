@@ -1,11 +1,24 @@
 """gallop_kernels: the kernels behind GaLLoP sparse fine-tuning, as a stable functional API.
 
-Knows tensors, not models. Triton kernels on CUDA tensors, an exact pure-PyTorch reference elsewhere
-(``GALLOP_BACKEND=auto|reference|triton`` overrides the choice).
+Knows tensors, not models. One folder per op (``topk_select``, ``adamw``, ``gather_scatter``, ``weight_grad``),
+each with its pure-PyTorch ``reference.py`` and, where one exists, its ``triton.py``; ``api.py`` is the contract.
+Triton kernels run on CUDA tensors, the exact reference elsewhere (``GALLOP_BACKEND=auto|reference|triton``).
 """
 
-from ._backend import backend
+from ._common import SCORERS, index_dtype
+from ._registry import backend
 from .api import gather, scatter_, select_topk, sparse_adamw_, sparse_adamw_step_, weight_grad_at
 
-__all__ = ["select_topk", "sparse_adamw_", "sparse_adamw_step_", "gather", "scatter_", "weight_grad_at", "backend"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one version of the gallop distribution (pyproject.toml and gallop read it)
+__all__ = [
+    "select_topk",
+    "sparse_adamw_",
+    "sparse_adamw_step_",
+    "gather",
+    "scatter_",
+    "weight_grad_at",
+    "backend",
+    "SCORERS",
+    "index_dtype",
+    "__version__",
+]

@@ -1,42 +1,43 @@
-"""The public functional API of gallop_kernels: validate, then dispatch to the Triton or reference backend.
+"""The public functional API of gallop_kernels: the contract of every op, then validation and dispatch.
 
-Every function here validates its arguments first (without a device sync) and raises ``ValueError`` or
-``TypeError`` naming the offending argument, leaving every tensor untouched. The training-path ops then go through
-their ``torch.library`` custom ops (``_ops.py``, so ``torch.compile`` sees no graph break); ``select_topk``
-dispatches directly.
+Every function validates its arguments first (without a device sync) and raises ``ValueError`` or ``TypeError``
+naming the offending argument, leaving every tensor untouched. The training-path ops then call their backend
+directly in eager mode (the custom-op dispatcher costs about 0.1 ms a call) and go through their
+``torch.library`` custom op inside ``torch.compile`` (no graph break). ``select_topk`` always dispatches directly.
+After an eager op wrote a tensor, its autograd version counter is advanced, whichever backend wrote it.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from . import _checks, _ops
-from ._backend import implementation
+from . import adamw, gather_scatter, topk_select, weight_grad
+from ._registry import implementation
 
 
 def _compiling() -> bool:
-    """Inside torch.compile tracing the ops go through torch.library (opaque, no graph break); in eager mode they
-    call their implementation directly (the custom-op dispatcher costs ~0.1 ms a call, and a step makes one call
-    per selected tensor)."""
     return torch.compiler.is_compiling()
 
 
-def _bump(*tensors: Optional[torch.Tensor]) -> None:
-    """Advance the autograd version counter of tensors an eager op wrote.
-
-    A Triton launch writes memory behind torch's back, so without this a tensor it changed keeps its version and
-    anything that watches versions (a lazy write-back, autograd's saved-tensor check) would miss the change. The
-    reference's in-place torch ops already bump; one more bump is harmless.
-    """
+def _bump(*tensors: torch.Tensor | None) -> None:
+    """Advance the version counter of tensors an eager op wrote: a Triton launch writes memory behind torch's back,
+    and anything that watches versions (a lazy write-back, autograd's saved-tensor check) must see the change."""
     for t in tensors:
         if t is not None:
             torch.autograd.graph.increment_version(t)
 
 
-def select_topk(grads: Optional[Sequence[Optional[torch.Tensor]]], weights: Sequence[torch.Tensor], k: int, *,
-                scorer: str = "gallop", eps: float = 1e-8, seed: int = 0) -> list[torch.Tensor]:
+def select_topk(
+    grads: Sequence[torch.Tensor | None] | None,
+    weights: Sequence[torch.Tensor],
+    k: int,
+    *,
+    scorer: str = "gallop",
+    eps: float = 1e-8,
+    seed: int = 0,
+) -> list[torch.Tensor]:
     """Exact global top-k selection over a list of tensors, by score, without materializing the scores.
 
     Args:
@@ -47,27 +48,36 @@ def select_topk(grads: Optional[Sequence[Optional[torch.Tensor]]], weights: Sequ
         scorer: the score of element ``i`` (always computed in fp32; larger is selected first):
             ``gallop`` ``|g_i| / (|w_i| + eps)`` · ``gradient`` ``|g_i|`` · ``magnitude`` ``-|w_i|`` (smallest
             weights first) · ``product`` ``|g_i * w_i|`` · ``random`` a counter-based hash of
-            ``(seed, tensor position, flat index)``, identical on every backend.
+            ``(seed, tensor position, flat index)``, identical on every backend. ``gallop_kernels.SCORERS``.
         eps: the ``gallop`` scorer's stabilizer (>= 0).
         seed: the ``random`` scorer's seed.
 
     Returns:
         ``T`` 1-D tensors on the weights' device: the selected flat indices of each tensor, sorted ascending and
-        unique; int32 for tensors with fewer than ``2**31`` elements, else int64. Exactly ``k`` indices in total.
-        Ties at the threshold go to the lower ``(tensor position, flat index)``, so the result is a pure function
-        of the inputs, identical on every backend.
+        unique; int32 for tensors with fewer than ``2**31`` elements, else int64 (``index_dtype``). Exactly ``k``
+        indices in total. Ties at the threshold go to the lower ``(tensor position, flat index)``, so the result
+        is a pure function of the inputs, identical on every backend.
 
     Raises:
         ValueError / TypeError: bad arguments, or a NaN / Inf score (names the tensor position).
     """
-    grads, weights = _checks.check_select_args(grads, weights, k, scorer, eps, seed)
-    return implementation("select_topk", weights[0].device)(grads, weights, k, scorer=scorer, eps=float(eps),
-                                                            seed=seed)
+    grads, weights, k, eps, seed = topk_select.check_args(grads, weights, k, scorer, eps, seed)
+    return implementation("select_topk", weights[0].device)(grads, weights, k, scorer=scorer, eps=eps, seed=seed)
 
 
-def sparse_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                  step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                  weight_decay: float = 0.0) -> None:
+def sparse_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
     """One AdamW step over compressed (flat) buffers, in place, with exactly ``torch.optim.AdamW``'s math.
 
     All four tensors are 1-D, contiguous, fp32, of one length ``K`` (the selected entries). With
@@ -78,20 +88,55 @@ def sparse_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
         exp_avg_sq  = beta2 * exp_avg_sq + (1 - beta2) * grad**2
         param      -= (lr / bc1) * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
 
-    (amsgrad=False, maximize=False). ``step`` is the 1-based step count of this update.
+    (amsgrad=False, maximize=False). ``step`` is the 1-based step count of this update. Scalars may be Python,
+    numpy or 0-d tensor numbers.
     """
-    _checks.check_adamw_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-    args = (param, grad, exp_avg, exp_avg_sq, step, float(lr), float(beta1), float(beta2), float(eps),
-            float(weight_decay))
+    hp = adamw.check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    args = (param, grad, exp_avg, exp_avg_sq, *hp.values())
     if _compiling():
-        _ops.sparse_adamw_op(*args)
+        adamw.sparse_adamw_op(*args)
     else:
-        _ops.sparse_adamw(*args)
+        adamw.sparse_adamw(*args)
         _bump(param, exp_avg, exp_avg_sq)
 
 
-def gather(src: torch.Tensor, indices: torch.Tensor, *, out: Optional[torch.Tensor] = None,
-           accumulate: bool = False) -> torch.Tensor:
+def sparse_adamw_step_(
+    weight: torch.Tensor,
+    weight_grad: torch.Tensor,
+    indices: torch.Tensor,
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """Fused optimizer step for one weight tensor from its dense gradient: gather, AdamW, write-back.
+
+    ``grad = fp32(weight_grad.view(-1)[indices])``; ``sparse_adamw_(delta, grad, exp_avg, exp_avg_sq, ...)``;
+    ``weight.view(-1)[indices] = cast(base + delta)``. ``weight`` and ``weight_grad`` share one shape (any float
+    dtype, contiguous); ``indices`` is 1-D int32/int64 of length ``K``; ``base`` 1-D of length ``K`` (any float
+    dtype); ``delta``, ``exp_avg``, ``exp_avg_sq`` 1-D contiguous fp32 of length ``K``.
+    """
+    hp = adamw.check_step_args(
+        weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay
+    )
+    args = (weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hp.values())
+    if _compiling():
+        adamw.sparse_adamw_step_op(*args)
+    else:
+        adamw.sparse_adamw_step(*args)
+        _bump(weight, delta, exp_avg, exp_avg_sq)
+
+
+def gather(
+    src: torch.Tensor, indices: torch.Tensor, *, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
     """``out = fp32(src.reshape(-1)[indices])`` (or ``out += ...`` with ``accumulate=True``).
 
     Args:
@@ -103,21 +148,22 @@ def gather(src: torch.Tensor, indices: torch.Tensor, *, out: Optional[torch.Tens
     Returns:
         ``out`` (fp32, shape ``[len(indices)]``).
     """
-    _checks.check_gather_args(src, indices, out)
+    gather_scatter.check_gather_args(src, indices, out)
     if accumulate and out is None:
         raise ValueError("accumulate=True needs an out tensor to add into; pass out=...")
     if out is None:
-        return (_ops.gather_op if _compiling() else _ops.gather)(src, indices)
+        return (gather_scatter.gather_op if _compiling() else gather_scatter.gather)(src, indices)
     if _compiling():
-        _ops.gather_into_op(src, indices, out, bool(accumulate))
+        gather_scatter.gather_into_op(src, indices, out, bool(accumulate))
     else:
-        _ops.gather_into(src, indices, out, bool(accumulate))
+        gather_scatter.gather_into(src, indices, out, bool(accumulate))
         _bump(out)
     return out
 
 
-def scatter_(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *,
-             base: Optional[torch.Tensor] = None) -> None:
+def scatter_(
+    dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *, base: torch.Tensor | None = None
+) -> None:
     """``dst.view(-1)[indices] = cast(base + values)``, or ``cast(values)`` without ``base``, in place.
 
     Args:
@@ -127,39 +173,12 @@ def scatter_(dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *,
         base: optional 1-D of ``len(indices)``, any float dtype (the exact pretrained values).
             The sum is computed in fp32 and rounded once to ``dst.dtype`` (round to nearest even).
     """
-    _checks.check_scatter_args(dst, indices, values, base)
+    gather_scatter.check_scatter_args(dst, indices, values, base)
     if _compiling():
-        _ops.scatter_op(dst, indices, values, base)
+        gather_scatter.scatter_op(dst, indices, values, base)
     else:
-        _ops.scatter(dst, indices, values, base)
+        gather_scatter.scatter(dst, indices, values, base)
         _bump(dst)
-
-
-def sparse_adamw_step_(weight: torch.Tensor, weight_grad: torch.Tensor, indices: torch.Tensor,
-                       base: torch.Tensor, delta: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                       *, step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                       weight_decay: float = 0.0) -> None:
-    """Fused optimizer step for one weight tensor: gather, AdamW, write-back.
-
-    ``grad = fp32(weight_grad.view(-1)[indices])``; ``sparse_adamw_(delta, grad, exp_avg, exp_avg_sq, ...)``;
-    ``weight.view(-1)[indices] = cast(base + delta)``. ``weight`` and ``weight_grad`` share one shape (any float
-    dtype, contiguous); ``indices`` is 1-D int32/int64 of length ``K``; ``base`` 1-D of length ``K`` (any float
-    dtype); ``delta``, ``exp_avg``, ``exp_avg_sq`` 1-D contiguous fp32 of length ``K``.
-    """
-    _checks.check_float(weight_grad, "weight_grad")
-    if weight_grad.shape != weight.shape:
-        raise ValueError(f"weight_grad has shape {tuple(weight_grad.shape)} but weight has shape "
-                         f"{tuple(weight.shape)}")
-    _checks.check_scatter_args(weight, indices, delta, base)
-    _checks.check_adamw_args(delta, delta, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
-    _checks.check_same_device([("weight", weight), ("weight_grad", weight_grad), ("exp_avg", exp_avg)])
-    args = (weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, step, float(lr), float(beta1),
-            float(beta2), float(eps), float(weight_decay))
-    if _compiling():
-        _ops.sparse_adamw_step_op(*args)
-    else:
-        _ops.sparse_adamw_step(*args)
-        _bump(weight, delta, exp_avg, exp_avg_sq)
 
 
 def weight_grad_at(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -179,5 +198,5 @@ def weight_grad_at(grad_output: torch.Tensor, input: torch.Tensor, indices: torc
     the inputs' dtype, as torch's linear backward does, and gathers; a sampled kernel that computes only the
     selected entries may replace it where it is faster, agreeing within the inputs' dtype rounding.
     """
-    _checks.check_weight_grad_args(grad_output, input, indices)
-    return (_ops.weight_grad_at_op if _compiling() else _ops.weight_grad_at)(grad_output, input, indices)
+    weight_grad.check_args(grad_output, input, indices)
+    return (weight_grad.weight_grad_at_op if _compiling() else weight_grad.weight_grad_at)(grad_output, input, indices)

@@ -1,7 +1,9 @@
 """Shared fixtures. Kernel tests run once per backend: the reference, and the Triton kernels (on CPU tensors
-through Triton's interpreter, so CI tests them without a GPU)."""
+through Triton's interpreter, so CI tests them without a GPU). Every test runs with the library's uninitialized
+allocations filled with garbage, so code that reads memory it never wrote fails instead of passing by luck."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -31,3 +33,37 @@ def backend(request, monkeypatch):
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _garbage(t: torch.Tensor) -> torch.Tensor:
+    if t.numel():
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            t.fill_(float("nan"))
+        elif t.dtype == torch.bool:
+            t.fill_(True)
+        else:
+            t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.uint8 else 0xA5)
+    return t
+
+
+def _from_library() -> bool:
+    name = sys._getframe(2).f_globals.get("__name__", "")
+    return name.startswith(("gallop.", "gallop_kernels."))
+
+
+@pytest.fixture(autouse=True)
+def garbage_in_empty(monkeypatch):
+    """``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty`` called from gallop or gallop_kernels return
+    tensors full of NaN (floats), True (bools) or the dtype's maximum (integers)."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def wrap(fn):
+        def allocate(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            return _garbage(t) if _from_library() else t
+
+        return allocate
+
+    monkeypatch.setattr(torch, "empty", wrap(empty))
+    monkeypatch.setattr(torch, "empty_like", wrap(empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", wrap(new_empty))

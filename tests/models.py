@@ -9,8 +9,15 @@ def tiny(arch: str = "llama", dtype=torch.float32, seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     if arch == "llama":
         cfg = tf.LlamaConfig(**common, tie_word_embeddings=False)
     elif arch == "llama_tied":

@@ -28,7 +28,7 @@ def test_gap_code_round_trip(gaps):
 
 def test_gap_code_random_and_empty():
     gen = torch.Generator().manual_seed(0)
-    idx = torch.sort(torch.randperm(10**6, generator=gen)[:10**4]).values
+    idx = torch.sort(torch.randperm(10**6, generator=gen)[: 10**4]).values
     assert torch.equal(decode_gaps(encode_gaps(idx)), idx)
     assert decode_gaps(encode_gaps(torch.empty(0, dtype=torch.int64))).numel() == 0
     with pytest.raises(ValueError, match="sorted, unique"):
@@ -90,8 +90,14 @@ def test_adapter_size_for_a_bf16_model(tmp_path, backend):
         pytest.skip("the file size does not depend on the kernel backend (and the interpreter is slow at this size)")
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     model = tf.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     sel = select(model, None, GallopConfig(density=0.01, scorer="random"))
     sparse = SparseModel(model, sel)
@@ -169,12 +175,18 @@ def _write_v1(sparse, directory):
         entries[s.name] = {"shape": list(s.shape), "dtype": "float32", "count": int(s.indices.numel())}
     save_file(tensors, str(directory / "gallop_adapter.safetensors"), metadata={"format": "gallop"})
     sha = hashlib.sha256((directory / "gallop_adapter.safetensors").read_bytes()).hexdigest()
-    cfg = {"format": "gallop-adapter", "format_version": 1, "gallop_config": sparse.selection.config.to_dict(),
-           "precision": "bf16", "tensors": entries, "eligible_shapes": {n: list(s) for n, s in
-                                                                        sparse.selection.shapes.items()},
-           "base_fingerprint": base_fingerprint([s.name for s in states], [s.shape for s in states],
-                                                [torch.float32] * len(states), [s.base for s in states]),
-           "adapter_sha256": sha}
+    cfg = {
+        "format": "gallop-adapter",
+        "format_version": 1,
+        "gallop_config": sparse.selection.config.to_dict(),
+        "precision": "bf16",
+        "tensors": entries,
+        "eligible_shapes": {n: list(s) for n, s in sparse.selection.shapes.items()},
+        "base_fingerprint": base_fingerprint(
+            [s.name for s in states], [s.shape for s in states], [torch.float32] * len(states), [s.base for s in states]
+        ),
+        "adapter_sha256": sha,
+    }
     (directory / "gallop_config.json").write_text(json.dumps(cfg))
 
 

@@ -43,10 +43,13 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(sparse)
         opt = SparseAdamW(sparse, lr=LR)
         sent = []
-        ddp.register_comm_hook(None, lambda state, bucket: (sent.append(bucket.buffer().numel()),
-                                                            dist.all_reduce(bucket.buffer().div_(world),
-                                                                            async_op=True).get_future().then(
-                                                                lambda f: f.value()[0]))[1])
+        ddp.register_comm_hook(
+            None,
+            lambda state, bucket: (
+                sent.append(bucket.buffer().numel()),
+                dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future().then(lambda f: f.value()[0]),
+            )[1],
+        )
         for batch in _training():
             half = {k: v.chunk(world)[rank] for k, v in batch.items()}
             ddp(**half).loss.backward()

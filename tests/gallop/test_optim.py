@@ -19,8 +19,9 @@ def test_matches_torch_adamw_over_the_same_parameters(weight_decay):
     s1, m1, s2, m2 = twins()
     batches = random_batches(6, seed=2)
     train(s1, SparseAdamW(s1, lr=1e-2, weight_decay=weight_decay), batches)
-    train(s2, torch.optim.AdamW(s2.parameters(), lr=1e-2, weight_decay=weight_decay, fused=False, foreach=False),
-          batches)
+    train(
+        s2, torch.optim.AdamW(s2.parameters(), lr=1e-2, weight_decay=weight_decay, fused=False, foreach=False), batches
+    )
     s2.sync()
     for a, b in zip(s1.parameters(), s2.parameters()):
         torch.testing.assert_close(a, b, **adam_tol(1e-2, 6))
@@ -33,8 +34,9 @@ def test_param_groups_and_params_without_grad_match_torch():
     s1, m1, s2, m2 = twins()
     d1, d2 = s1.trainable_parameters(), s2.trainable_parameters()
     o1 = SparseAdamW([{"params": d1[:3], "lr": 1e-2}, {"params": d1[3:]}], lr=3e-3, weight_decay=0.1)
-    o2 = torch.optim.AdamW([{"params": d2[:3], "lr": 1e-2}, {"params": d2[3:]}], lr=3e-3, weight_decay=0.1,
-                           foreach=False)
+    o2 = torch.optim.AdamW(
+        [{"params": d2[:3], "lr": 1e-2}, {"params": d2[3:]}], lr=3e-3, weight_decay=0.1, foreach=False
+    )
     for step, b in enumerate(random_batches(4, seed=8)):
         for s, o in ((s1, o1), (s2, o2)):
             s(**b).loss.backward()
@@ -86,8 +88,10 @@ def test_nonfinite_gradient_skips_the_step(bad):
     opt = SparseAdamW(sparse, lr=1e-2)
     train(sparse, opt, random_batches(1))
     deltas = [p.detach().clone() for p in sparse.parameters()]
-    moments = [(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["step"])
-               for p in sparse.parameters()]
+    moments = [
+        (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["step"])
+        for p in sparse.parameters()
+    ]
     weights = [p.detach().clone() for p in model.parameters()]
     sparse(**random_batches(1, seed=3)[0]).loss.backward()
     sparse.trainable_parameters()[2].grad[5] = bad

@@ -184,10 +184,12 @@ def test_weights_move_after_any_optimizer(optimizer):
     model, sel = setup()
     before = snapshot(model)
     sparse = SparseModel(model, sel)
-    opt = {"sparse_adamw": lambda: SparseAdamW(sparse, lr=1e-2),
-           "torch_adamw": lambda: torch.optim.AdamW(sparse.parameters(), lr=1e-2),
-           "torch_adamw_fused": lambda: torch.optim.AdamW(sparse.parameters(), lr=1e-2, fused=True),
-           "torch_sgd": lambda: torch.optim.SGD(sparse.parameters(), lr=1.0)}[optimizer]()
+    opt = {
+        "sparse_adamw": lambda: SparseAdamW(sparse, lr=1e-2),
+        "torch_adamw": lambda: torch.optim.AdamW(sparse.parameters(), lr=1e-2),
+        "torch_adamw_fused": lambda: torch.optim.AdamW(sparse.parameters(), lr=1e-2, fused=True),
+        "torch_sgd": lambda: torch.optim.SGD(sparse.parameters(), lr=1.0),
+    }[optimizer]()
     train(sparse, opt, random_batches(2))  # no forward after the last step: the weights must be current already
     for name, delta in sparse.named_deltas().items():
         w = dict(model.named_parameters())[name].detach().reshape(-1)[sel[name].long()]
@@ -331,8 +333,9 @@ def test_nonfinite_delta_never_reaches_the_weights():
         opt.step()  # the write-back after the step refuses the poisoned delta
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         sparse(**random_batches(1)[0])  # and so does the next forward
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.dtype.is_floating_point
-               and not p.requires_grad)
+    assert all(
+        bool(torch.isfinite(p).all()) for p in model.parameters() if p.dtype.is_floating_point and not p.requires_grad
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bad input

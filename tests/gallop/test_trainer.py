@@ -27,9 +27,22 @@ def _full_batch(rows):
 def _args(out, **kw):
     from transformers import TrainingArguments
 
-    base = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=N_ROWS, learning_rate=1e-2,
-                lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1, report_to=[],
-                use_cpu=True, seed=0, dataloader_num_workers=0, save_strategy="no", disable_tqdm=True)
+    base = dict(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=N_ROWS,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -53,8 +66,13 @@ def test_plain_trainer_with_sparse_adamw_trains_like_a_hand_loop(tmp_path):
 
     model, sel = setup()
     sparse = SparseModel(model, sel)
-    trainer = Trainer(model=sparse, args=_args(tmp_path), train_dataset=_rows(),
-                      data_collator=default_data_collator, optimizers=(SparseAdamW(sparse, lr=1e-2), None))
+    trainer = Trainer(
+        model=sparse,
+        args=_args(tmp_path),
+        train_dataset=_rows(),
+        data_collator=default_data_collator,
+        optimizers=(SparseAdamW(sparse, lr=1e-2), None),
+    )
     trainer.train()
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert all(p.grad is None for p in sparse.parameters())
@@ -74,8 +92,12 @@ def test_plain_trainer_with_its_own_adamw_equals_a_hand_loop(tmp_path):
 
     model, sel = setup()
     sparse = SparseModel(model, sel)
-    trainer = Trainer(model=sparse, args=_args(tmp_path, optim="adamw_torch"), train_dataset=_rows(),
-                      data_collator=default_data_collator)
+    trainer = Trainer(
+        model=sparse,
+        args=_args(tmp_path, optim="adamw_torch"),
+        train_dataset=_rows(),
+        data_collator=default_data_collator,
+    )
     trainer.train()
     ref = SparseModel(tiny("llama"), sel)
     _hand_loop(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0, foreach=False), 3, _rows())
@@ -91,8 +113,7 @@ def test_plain_trainer_checkpoint_holds_only_the_deltas(tmp_path):
 
     model, sel = setup()
     sparse = SparseModel(model, sel)
-    args = _args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2,
-                 per_device_train_batch_size=2)
+    args = _args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
     Trainer(model=sparse, args=args, train_dataset=_rows(), data_collator=default_data_collator).train()
     saved = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
     assert set(saved) == set(sparse.state_dict())
@@ -100,7 +121,8 @@ def test_plain_trainer_checkpoint_holds_only_the_deltas(tmp_path):
 
     fresh = SparseModel(tiny("llama"), sel)
     Trainer(model=fresh, args=args, train_dataset=_rows(), data_collator=default_data_collator).train(
-        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")
+    )
     for a, b in zip(fresh.parameters(), sparse.parameters()):
         torch.testing.assert_close(a, b, **adam_tol(1e-2, 4))
 
@@ -108,8 +130,16 @@ def test_plain_trainer_checkpoint_holds_only_the_deltas(tmp_path):
 def test_gallop_trainer_checkpoints_are_adapters_and_resume_exactly(tmp_path):
     model, sel = setup()
     sparse = SparseModel(model, sel)
-    args = _args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
-                 gradient_accumulation_steps=2, max_grad_norm=1.0, lr_scheduler_type="linear")
+    args = _args(
+        tmp_path / "run",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        lr_scheduler_type="linear",
+    )
     trainer = GallopTrainer(sparse_model=sparse, args=args, train_dataset=_rows())
     trainer.train()
     ckpt = tmp_path / "run" / "checkpoint-2"
@@ -156,4 +186,5 @@ def test_gallop_trainer_rejects_bad_setup(tmp_path):
     (tmp_path / "checkpoint-1").mkdir()
     with pytest.raises(FileNotFoundError, match="not a gallop adapter folder"):
         GallopTrainer(sparse_model=sparse, args=_args(tmp_path), train_dataset=_rows()).train(
-            resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+            resume_from_checkpoint=str(tmp_path / "checkpoint-1")
+        )

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibrate import mean_gradients
-from .config import GallopConfig
+from ..adapters import atomic_write_text
+from ..calibrate import mean_gradients
+from ..config import GallopConfig
+from ..optim import SparseAdamW
+from ..selection import select
+from ..sparse import SparseModel
 from .evaluate import accuracy, collapsed_tasks, forget_ratio
-from .adapters import atomic_write_text
-from .optim import SparseAdamW
-from .selection import select
-from .sparse import SparseModel
 from .tasks import TASKS, Example, batches, load_jsonl, task_examples
 
 
@@ -65,8 +65,9 @@ class FinetuneArgs:
         if unknown:
             raise ValueError(f"unknown OOD tasks {unknown}; built-in tasks: {', '.join(TASKS)}")
         if self.task not in TASKS and not Path(self.task).is_file():
-            raise ValueError(f"task must be a built-in task ({', '.join(TASKS)}) or an existing JSONL file, "
-                             f"got {self.task!r}")
+            raise ValueError(
+                f"task must be a built-in task ({', '.join(TASKS)}) or an existing JSONL file, got {self.task!r}"
+            )
 
 
 def _data(args: FinetuneArgs) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
@@ -86,8 +87,10 @@ def _data(args: FinetuneArgs) -> tuple[list[Example], list[Example], dict[str, l
 
 
 def _evaluate(model, tok, test, ood, progress: bool, label: str) -> dict:
-    res = {"id": accuracy(model, tok, test, progress=progress, desc=f"{label} ID") if test else float("nan"),
-           "ood": {t: accuracy(model, tok, ex, progress=progress, desc=f"{label} OOD {t}") for t, ex in ood.items()}}
+    res = {
+        "id": accuracy(model, tok, test, progress=progress, desc=f"{label} ID") if test else float("nan"),
+        "ood": {t: accuracy(model, tok, ex, progress=progress, desc=f"{label} OOD {t}") for t, ex in ood.items()},
+    }
     res["ood_mean"] = sum(res["ood"].values()) / len(res["ood"]) if res["ood"] else float("nan")
     return res
 
@@ -99,6 +102,7 @@ def _lr_lambda(steps: int, warmup: float):
         if step < n_warm:
             return (step + 1) / n_warm
         return max(0.0, (steps - step) / max(1, steps - n_warm))
+
     return f
 
 
@@ -111,7 +115,9 @@ def _plot_loss(losses: list[float], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.4, label="loss")
     w = max(1, len(losses) // 10)
-    smooth = [sum(losses[max(0, i - w + 1): i + 1]) / len(losses[max(0, i - w + 1): i + 1]) for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))
+    ]
     ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of last {w}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (answer tokens)")
@@ -124,7 +130,7 @@ def _plot_loss(losses: list[float], path: Path, title: str) -> None:
 
 def finetune(args: FinetuneArgs, model=None, tokenizer=None) -> dict:
     """Run the whole GaLLoP job; returns the metrics (also written to ``output_dir/metrics.json``)."""
-    from .models import load_model
+    from ..models import load_model
 
     args.validate()
     out = Path(args.output_dir)
@@ -146,8 +152,9 @@ def finetune(args: FinetuneArgs, model=None, tokenizer=None) -> dict:
     t0 = time.perf_counter()
     grads = None
     if config.uses_gradients:
-        grads = mean_gradients(model, batches(tokenizer, train[: args.calib_examples], args.batch_size), config,
-                               progress=args.progress)
+        grads = mean_gradients(
+            model, batches(tokenizer, train[: args.calib_examples], args.batch_size), config, progress=args.progress
+        )
     timings["calibration_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     selection = select(model, grads, config)
@@ -170,8 +177,9 @@ def finetune(args: FinetuneArgs, model=None, tokenizer=None) -> dict:
         loss = sparse(**batch).loss
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise ValueError(f"the training loss is {value} at step {step + 1}: lower --lr (now {args.lr}) or check "
-                             f"the data")
+            raise ValueError(
+                f"the training loss is {value} at step {step + 1}: lower --lr (now {args.lr}) or check the data"
+            )
         loss.backward()
         opt.step()
         sched.step()

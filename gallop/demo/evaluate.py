@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,8 +12,15 @@ from .tasks import Example, encode, pad_id
 
 
 @torch.no_grad()
-def choice_logprobs(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 32,
-                    progress: bool = False, desc: str = "evaluate") -> list[list[float]]:
+def choice_logprobs(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> list[list[float]]:
     """Sum of the log-probabilities of each choice's tokens given the prompt, per example and choice."""
     pairs = []
     for e, ex in enumerate(examples):
@@ -26,7 +33,7 @@ def choice_logprobs(model: nn.Module, tokenizer, examples: Sequence[Example], *,
     model.eval()
     try:
         for i in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress, leave=False):
-            chunk = pairs[i: i + batch_size]
+            chunk = pairs[i : i + batch_size]
             width = max(len(p[2]) for p in chunk)
             ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -38,14 +45,21 @@ def choice_logprobs(model: nn.Module, tokenizer, examples: Sequence[Example], *,
             target = ids[:, 1:].to(device)
             tok_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
             for r, (e, c, row, n_prompt) in enumerate(chunk):
-                out[e][c] = float(tok_lp[r, n_prompt - 1: len(row) - 1].sum())
+                out[e][c] = float(tok_lp[r, n_prompt - 1 : len(row) - 1].sum())
     finally:
         model.train(was_training)
     return out
 
 
-def accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 32,
-             progress: bool = False, desc: str = "evaluate") -> float:
+def accuracy(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> float:
     """Fraction of examples whose highest-likelihood choice is the right one."""
     scores = choice_logprobs(model, tokenizer, examples, batch_size=batch_size, progress=progress, desc=desc)
     right = sum(int(max(range(len(s)), key=s.__getitem__) == ex.label) for s, ex in zip(scores, examples))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels import reference
+from gallop_kernels.adamw import reference as adamw_reference
+from gallop_kernels.topk_select import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -33,7 +34,7 @@ def test_select_large_identical_to_reference(monkeypatch, scorer, kind):
     total = sum(w.numel() for w in ws)
     grads = None if scorer in ("magnitude", "random") else gs
     for k in (1, total // 100, total // 3):
-        a, b = _both(monkeypatch, lambda: gk.select_topk(grads, ws, k, scorer=scorer))
+        a, b = _both(monkeypatch, lambda k=k: gk.select_topk(grads, ws, k, scorer=scorer))
         assert sum(x.numel() for x in a) == k
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -41,11 +42,7 @@ def test_select_large_identical_to_reference(monkeypatch, scorer, kind):
 def test_select_llama8b_shapes_exact_and_memory():
     """226 LLaMA3-8B-shaped tensors (8.03e9 elements, beyond int32 and beyond torch.topk): exact k, every selected
     score >= every unselected one on sampled tensors, and the peak extra memory."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from kernels import llama8b_inputs, llama8b_shapes, peak_extra_memory
+    from bench.shapes import llama8b_inputs, llama8b_shapes, peak_extra_memory
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = llama8b_shapes()
@@ -57,6 +54,7 @@ def test_select_llama8b_shapes_exact_and_memory():
     out_bytes = sum(o.numel() * o.element_size() for o in out)
     print(f"\nLLaMA3-8B selection: peak extra {extra / 2**30:.2f} GiB, output {out_bytes / 2**30:.2f} GiB")
     assert sum(o.numel() for o in out) == k
+
     # the threshold: the smallest selected score over all tensors
     def score(i):
         return reference.scores(grads[i], weights[i], "gallop")
@@ -82,7 +80,7 @@ def test_optimizer_kernels_large(monkeypatch):
     monkeypatch.setenv("GALLOP_BACKEND", "triton")
     for step in (1, 2, 3):
         gk.sparse_adamw_(p, g, m, v, step=step, lr=1e-3, weight_decay=0.1)
-        reference.sparse_adamw_(ref[0], g, ref[1], ref[2], step=step, lr=1e-3, weight_decay=0.1)
+        adamw_reference.sparse_adamw_(ref[0], g, ref[1], ref[2], step=step, lr=1e-3, weight_decay=0.1)
     for a, b in zip((p, m, v), ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -100,7 +98,7 @@ def test_fused_step_and_scatter_large(monkeypatch, dtype):
     state = [torch.zeros(k, device="cuda") for _ in range(3)]
     w_ref, state_ref = w.clone(), [s.clone() for s in state]
     gk.sparse_adamw_step_(w, wg, idx, base, *state, step=1, lr=1e-3)
-    reference.sparse_adamw_step_(w_ref, wg, idx, base, *state_ref, step=1, lr=1e-3)
+    adamw_reference.sparse_adamw_step_(w_ref, wg, idx, base, *state_ref, step=1, lr=1e-3)
     for a, b in zip(state, state_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     want = w_ref.clone()

@@ -2,7 +2,7 @@
 
 import torch
 
-from gallop_kernels import reference
+from gallop_kernels.topk_select import reference
 
 
 def brute_force_topk(grads, weights, k, scorer="gallop", eps=1e-8, seed=0):

@@ -1,7 +1,9 @@
 """Triton: AdamW over compressed (flat, k-length) fp32 buffers, and the fused gather + AdamW + write-back step.
 
 Both kernels do torch.optim.AdamW's math in fp32 with IEEE-rounded sqrt and division (``sqrt_rn``,
-``div_rn``), so they agree with the reference to a few ulp (only FMA contraction differs). One program handles
+``div_rn``), so they agree with the reference to a few ulp: FMA contraction differs, and so does the first moment's
+form (``m + (1 - beta1) * (g - m)`` here; torch's ``lerp`` switches to ``g - (g - m) * beta1`` when the weight is
+0.5 or more, i.e. for ``beta1 <= 0.5``). One program handles
 ``BLOCK`` consecutive entries; offsets are int64, so buffers may exceed 2**31 entries.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tl import cast_rne
+from .._tl import cast_rne
 
 BLOCK = 1024
 
@@ -26,8 +28,9 @@ def _adamw_math(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, step
 
 
 @triton.jit
-def _adamw_buffers(p_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                   bc2_sqrt, eps):
+def _adamw_buffers(
+    p_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps
+):
     """Load (param, exp_avg, exp_avg_sq) at ``offs``, apply one step with gradient ``g``, store; returns param."""
     p = tl.load(p_ptr + offs, mask=mask)
     m = tl.load(m_ptr + offs, mask=mask)
@@ -40,24 +43,55 @@ def _adamw_buffers(p_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, b
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                  bc2_sqrt, eps, BLOCK: tl.constexpr):
+def _adamw_kernel(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    n,
+    decay,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    step_size,
+    bc2_sqrt,
+    eps,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask)
-    _adamw_buffers(p_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                   bc2_sqrt, eps)
+    _adamw_buffers(
+        p_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps
+    )
 
 
 @triton.jit
-def _adamw_step_kernel(w_ptr, wg_ptr, idx_ptr, base_ptr, d_ptr, m_ptr, v_ptr, n, decay, one_minus_beta1, beta2,
-                       one_minus_beta2, step_size, bc2_sqrt, eps, BLOCK: tl.constexpr):
+def _adamw_step_kernel(
+    w_ptr,
+    wg_ptr,
+    idx_ptr,
+    base_ptr,
+    d_ptr,
+    m_ptr,
+    v_ptr,
+    n,
+    decay,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    step_size,
+    bc2_sqrt,
+    eps,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
     g = tl.load(wg_ptr + idx, mask=mask).to(tl.float32)
-    d = _adamw_buffers(d_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                       bc2_sqrt, eps)
+    d = _adamw_buffers(
+        d_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps
+    )
     base = tl.load(base_ptr + offs, mask=mask).to(tl.float32)
     tl.store(w_ptr + idx, cast_rne(base + d, w_ptr.dtype.element_ty), mask=mask)
 
@@ -65,26 +99,58 @@ def _adamw_step_kernel(w_ptr, wg_ptr, idx_ptr, base_ptr, d_ptr, m_ptr, v_ptr, n,
 def _scalars(step, lr, beta1, beta2, eps, weight_decay):
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
-    return dict(decay=1 - lr * weight_decay, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                step_size=lr / bc1, bc2_sqrt=bc2**0.5, eps=eps)
+    return dict(
+        decay=1 - lr * weight_decay,
+        one_minus_beta1=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        step_size=lr / bc1,
+        bc2_sqrt=bc2**0.5,
+        eps=eps,
+    )
 
 
-def sparse_adamw_(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
-                  weight_decay=0.0) -> None:
+def sparse_adamw_(
+    param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0
+) -> None:
     """Triton twin of ``reference.sparse_adamw_`` (inputs validated by ``gallop_kernels.sparse_adamw_``)."""
     n = param.numel()
     if n == 0:
         return
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](param, grad, exp_avg, exp_avg_sq, n,
-                                            **_scalars(step, lr, beta1, beta2, eps, weight_decay), BLOCK=BLOCK)
+    _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+        param, grad, exp_avg, exp_avg_sq, n, **_scalars(step, lr, beta1, beta2, eps, weight_decay), BLOCK=BLOCK
+    )
 
 
-def sparse_adamw_step_(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9,
-                       beta2=0.999, eps=1e-8, weight_decay=0.0) -> None:
+def sparse_adamw_step_(
+    weight,
+    weight_grad,
+    indices,
+    base,
+    delta,
+    exp_avg,
+    exp_avg_sq,
+    *,
+    step,
+    lr,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+) -> None:
     """Triton twin of ``reference.sparse_adamw_step_``: one kernel gathers, updates and writes back."""
     n = indices.numel()
     if n == 0:
         return
     _adamw_step_kernel[(triton.cdiv(n, BLOCK),)](
-        weight, weight_grad.contiguous(), indices, base, delta, exp_avg, exp_avg_sq, n,
-        **_scalars(step, lr, beta1, beta2, eps, weight_decay), BLOCK=BLOCK)
+        weight,
+        weight_grad.contiguous(),
+        indices,
+        base,
+        delta,
+        exp_avg,
+        exp_avg_sq,
+        n,
+        **_scalars(step, lr, beta1, beta2, eps, weight_decay),
+        BLOCK=BLOCK,
+    )

@@ -1,18 +1,15 @@
 """The GPU benchmark script runs end to end on the CPU (small sizes, reference backend), so it cannot rot."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench import kernels
+from bench.shapes import llama8b_shapes
 
 
 @pytest.mark.slow
 def test_bench_kernels_quick_cpu(tmp_path, monkeypatch):
-    import kernels
-
     monkeypatch.setenv("GALLOP_BACKEND", "reference")
     assert kernels.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "kernels.json").read_text())
@@ -21,8 +18,6 @@ def test_bench_kernels_quick_cpu(tmp_path, monkeypatch):
 
 
 def test_llama8b_shapes():
-    import kernels
-
-    shapes = kernels.llama8b_shapes()
+    shapes = llama8b_shapes()
     assert len(shapes) == 226
     assert sum(a * b for a, b in shapes) == 8_029_995_008  # 2 x 128256 x 4096 + 32 x 218,103,808

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tl import cast_rne
+from .._tl import cast_rne
 
 BLOCK = 1024
 
@@ -46,8 +46,7 @@ def gather(src, indices, *, out=None, accumulate=False):
     if out is None:
         out = torch.empty(n, dtype=torch.float32, device=src.device)
     if n:
-        _gather_kernel[(triton.cdiv(n, BLOCK),)](src.contiguous(), indices, out, n, ACCUMULATE=accumulate,
-                                                 BLOCK=BLOCK)
+        _gather_kernel[(triton.cdiv(n, BLOCK),)](src.contiguous(), indices, out, n, ACCUMULATE=accumulate, BLOCK=BLOCK)
     return out
 
 
@@ -55,5 +54,6 @@ def scatter_(dst, indices, values, *, base=None) -> None:
     """Triton twin of ``reference.scatter_`` (inputs validated by ``gallop_kernels.scatter_``)."""
     n = indices.numel()
     if n:
-        _scatter_kernel[(triton.cdiv(n, BLOCK),)](dst, indices, values, values if base is None else base, n,
-                                                  HAS_BASE=base is not None, BLOCK=BLOCK)
+        _scatter_kernel[(triton.cdiv(n, BLOCK),)](
+            dst, indices, values, values if base is None else base, n, HAS_BASE=base is not None, BLOCK=BLOCK
+        )

@@ -3,7 +3,7 @@
 Each task generates its examples from fixed seeds; an example belongs to the ``test`` split when the CRC32 of its
 prompt is divisible by 5, else to ``train``, so the splits are disjoint and identical on every machine.
 Training uses the answer tokens only (the prompt is masked out of the labels); evaluation picks the choice with
-the highest log-likelihood (``gallop.evaluate``).
+the highest log-likelihood (``gallop.demo.evaluate``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import json
 import random
 import string
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -57,8 +57,9 @@ def _next_letter(rng: random.Random) -> Example:
     letters = string.ascii_lowercase
     wrong = rng.sample([c for j, c in enumerate(letters) if j != i + 1], 3)
     choices, label = _shuffled(rng, letters[i + 1], wrong)
-    return Example(_fmt(f"Which letter comes right after '{letters[i]}' in the alphabet: {', '.join(choices)}?"),
-                   choices, label)
+    return Example(
+        _fmt(f"Which letter comes right after '{letters[i]}' in the alphabet: {', '.join(choices)}?"), choices, label
+    )
 
 
 def _addition(rng: random.Random) -> Example:
@@ -69,10 +70,34 @@ def _addition(rng: random.Random) -> Example:
     return Example(_fmt(f"What is {a} + {b}?"), choices, label)
 
 
-_GOOD = ("wonderful", "excellent", "delightful", "superb", "brilliant", "lovely", "great", "charming", "fantastic",
-         "enjoyable", "moving", "impressive")
-_BAD = ("terrible", "awful", "boring", "dreadful", "disappointing", "dull", "horrible", "tedious", "poor", "weak",
-        "annoying", "forgettable")
+_GOOD = (
+    "wonderful",
+    "excellent",
+    "delightful",
+    "superb",
+    "brilliant",
+    "lovely",
+    "great",
+    "charming",
+    "fantastic",
+    "enjoyable",
+    "moving",
+    "impressive",
+)
+_BAD = (
+    "terrible",
+    "awful",
+    "boring",
+    "dreadful",
+    "disappointing",
+    "dull",
+    "horrible",
+    "tedious",
+    "poor",
+    "weak",
+    "annoying",
+    "forgettable",
+)
 _NOUNS = ("movie", "book", "meal", "concert", "hotel", "game", "show", "album", "play", "service", "trip", "class")
 
 
@@ -81,8 +106,11 @@ def _sentiment(rng: random.Random) -> Example:
     adj = rng.choice(_GOOD if positive else _BAD)
     noun = rng.choice(_NOUNS)
     adverb = rng.choice(("", "really ", "truly ", "quite "))
-    return Example(_fmt(f'Review: "The {noun} was {adverb}{adj}." Is this review positive or negative?'),
-                   ("positive", "negative"), 0 if positive else 1)
+    return Example(
+        _fmt(f'Review: "The {noun} was {adverb}{adj}." Is this review positive or negative?'),
+        ("positive", "negative"),
+        0 if positive else 1,
+    )
 
 
 _GENERATORS: dict[str, Callable[[random.Random], Example]] = {
@@ -122,7 +150,7 @@ def task_examples(name: str, split: str = "train", n: int = 64) -> list[Example]
     raise ValueError(f"task {name!r} has only {len(out)} distinct {split} examples; ask for n <= {len(out)}")
 
 
-def load_jsonl(path: Union[str, Path]) -> list[Example]:
+def load_jsonl(path: str | Path) -> list[Example]:
     """Examples from a JSONL file: ``{"prompt", "answer"}`` or ``{"prompt", "choices", "label"}`` per line.
 
     A ``{"prompt", "answer"}`` line becomes a one-choice example (trainable; accuracy is not meaningful).
@@ -183,12 +211,13 @@ def collate(tokenizer, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     for r, (ids, n_prompt) in enumerate(rows):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         attention[r, : len(ids)] = 1
-        labels[r, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+        labels[r, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def batches(tokenizer, examples: Sequence[Example], batch_size: int, *, epochs: int = 1,
-            seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    tokenizer, examples: Sequence[Example], batch_size: int, *, epochs: int = 1, seed: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Training batches over ``examples``, reshuffled (deterministically from ``seed``) every epoch."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -197,4 +226,4 @@ def batches(tokenizer, examples: Sequence[Example], batch_size: int, *, epochs: 
         order = list(range(len(examples)))
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
-            yield collate(tokenizer, [examples[j] for j in order[i: i + batch_size]])
+            yield collate(tokenizer, [examples[j] for j in order[i : i + batch_size]])

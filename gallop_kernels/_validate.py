@@ -1,0 +1,111 @@
+"""The validation primitives every op's argument checks are built from (each op folder's ``check_args``).
+
+Each public op validates its arguments *before* any backend touches memory, so a bad call raises a ``ValueError``
+/ ``TypeError`` that names the argument (and the tensor position) and modifies nothing. None of these checks
+synchronizes with the device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _scalar(v: Any) -> Any:
+    """A 0-d (or one-element) tensor as its Python number; anything else unchanged."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
+        return v.item()
+    return v
+
+
+def real(
+    name: str,
+    v: Any,
+    *,
+    low: float = -math.inf,
+    low_open: bool = False,
+    high: float = math.inf,
+    high_open: bool = False,
+) -> float:
+    """``v`` as a finite float in the given range. Python, numpy and 0-d tensor scalars are accepted; bools are not."""
+    v = _scalar(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number (Python, numpy or 0-d tensor scalar), got {type(v).__name__} {v!r}"
+        )
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if f < low or (low_open and f == low) or f > high or (high_open and f == high):
+        lo = f"{'(' if low_open else '['}{low:g}"
+        hi = f"{high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {v!r}")
+    return f
+
+
+def integer(name: str, v: Any, *, low: int | None = None, what: str = "") -> int:
+    """``v`` as an int (Python, numpy or 0-d integer tensor scalar; not bool, not float), at least ``low``;
+    ``what`` explains the argument in the error."""
+    v = _scalar(v)
+    what = f" ({what})" if what else ""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int{what}, got {type(v).__name__} {v!r}")
+    i = int(v)
+    if low is not None and i < low:
+        raise ValueError(f"{name} must be >= {low}{what}, got {i}")
+    return i
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16, ...), got {t.dtype}")
+
+
+def check_fp32_1d(t: torch.Tensor, name: str) -> None:
+    check_float(t, name)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}; keep optimizer buffers in fp32")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() first")
+
+
+def check_indices(indices: torch.Tensor, name: str = "indices") -> None:
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(indices.shape)}")
+
+
+def check_same_device(named: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    first = None
+    for name, t in named:
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}; move all tensors to one device")
+
+
+def adamw_hparams(step, lr, beta1, beta2, eps, weight_decay) -> dict:
+    """AdamW's scalars, checked and converted: the keyword arguments of every backend's AdamW."""
+    return dict(
+        step=integer("step", step, low=1, what="the 1-based step count, used in the bias corrections"),
+        lr=real("lr", lr, low=0.0),
+        beta1=real("beta1", beta1, low=0.0, high=1.0, high_open=True),
+        beta2=real("beta2", beta2, low=0.0, high=1.0, high_open=True),
+        eps=real("eps", eps, low=0.0),
+        weight_decay=real("weight_decay", weight_decay, low=0.0),
+    )

@@ -1,0 +1,78 @@
+"""gather (dense -> fp32 values at flat indices) and scatter_ (``cast(base + values)`` into a dense tensor).
+
+``reference.py``: index_select / index_copy_. ``triton.py``: the kernels (explicit round-to-nearest-even casts).
+This module checks the arguments and registers the ``torch.library`` custom ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._registry import implementation
+from .._validate import check_float, check_fp32_1d, check_indices, check_same_device
+
+
+def check_gather_args(src, indices, out) -> None:
+    check_float(src, "src")
+    check_indices(indices)
+    check_same_device([("src", src), ("indices", indices), ("out", out)])
+    if out is not None:
+        check_fp32_1d(out, "out")
+        if out.numel() != indices.numel():
+            raise ValueError(f"out has length {out.numel()} but indices has length {indices.numel()}")
+
+
+def check_scatter_args(dst, indices, values, base) -> None:
+    check_float(dst, "dst")
+    if not dst.is_contiguous():
+        raise ValueError(
+            "dst must be contiguous (it is written through a flat view); call .contiguous() and write the result back"
+        )
+    check_indices(indices)
+    check_fp32_1d(values, "values")
+    if values.numel() != indices.numel():
+        raise ValueError(f"values has length {values.numel()} but indices has length {indices.numel()}")
+    if base is not None:
+        check_float(base, "base")
+        if base.dim() != 1 or base.numel() != indices.numel():
+            raise ValueError(
+                f"base must be 1-D with length {indices.numel()} (one per index), got shape {tuple(base.shape)}"
+            )
+    check_same_device([("dst", dst), ("indices", indices), ("values", values), ("base", base)])
+
+
+def gather(src: Tensor, indices: Tensor) -> Tensor:
+    return implementation("gather", src.device)(src, indices, out=None, accumulate=False)
+
+
+gather_op = torch.library.custom_op("gallop::gather", gather, mutates_args=())
+
+
+@gather_op.register_fake
+def _(src, indices):
+    return torch.empty(indices.shape, dtype=torch.float32, device=src.device)
+
+
+def gather_into(src: Tensor, indices: Tensor, out: Tensor, accumulate: bool) -> None:
+    implementation("gather", src.device)(src, indices, out=out, accumulate=accumulate)
+
+
+gather_into_op = torch.library.custom_op("gallop::gather_into_", gather_into, mutates_args=("out",))
+
+
+@gather_into_op.register_fake
+def _(src, indices, out, accumulate) -> None:
+    return None
+
+
+def scatter(dst: Tensor, indices: Tensor, values: Tensor, base: Tensor | None) -> None:
+    implementation("scatter_", dst.device)(dst, indices, values, base=base)
+
+
+scatter_op = torch.library.custom_op("gallop::scatter_", scatter, mutates_args=("dst",))
+
+
+@scatter_op.register_fake
+def _(dst, indices, values, base) -> None:
+    return None

@@ -1,0 +1,360 @@
+"""Triton: exact global top-k over many tensors by radix select on 32-bit score keys, fused with scoring.
+
+Keys are the same as the reference's (``gallop_kernels._common``): a larger key is selected first; finite scores
+map to [0, 0x7F7FFFFF]; NaN/Inf land in histogram bins 0x7F8..0x7FF of the first level, which no finite key reaches.
+Scores are computed in registers from (grad, weight) in every pass and never stored.
+
+Passes (each one launch per tensor; "block" = ``BLOCK`` consecutive elements, numbered globally across tensors),
+the host steps named like the reference's:
+
+1. ``_level1_histogram`` (``_histogram_kernel``): persistent programs build a 2048-bin histogram of key bits
+   30..20 (``tl.histogram``, which lowers to shared-memory atomics) and add it to the tensor's row of a global
+   [T, 2048] histogram once per program. Host: the bin ``b1`` holding the k-th key, ``need`` = how many to take
+   from it, the per-tensor NaN/Inf check.
+2. ``_collect_candidates`` (``_collect_kernel``, when the candidates fit the buffer): per block, count the keys
+   above ``b1`` and append the keys in ``b1`` with their block number to a candidate buffer (one atomic per
+   block; order irrelevant). Host (torch, on the candidates only): the exact threshold key ``T``; per block, how
+   many keys are > T and == T. ``_resolve_by_passes`` instead, when bin ``b1`` holds more than ``CANDIDATE_CAP``
+   keys (heavy ties): two more histogram passes (bits 19..9, then 8..0) give ``T``, and ``_count_kernel`` counts
+   > T / == T per block.
+3. ``_compact`` (``_compact_kernel``): each block writes, in index order, its keys > T and the ties whose global
+   rank (in (tensor, index) order, from an exclusive scan of the per-block tie counts) is below the tie quota, at
+   offsets from an exclusive scan of the per-block selected counts. The result is exactly k indices, sorted per
+   tensor, identical to the reference.
+
+So a typical call reads every (grad, weight) pair three times; heavy ties cost two more reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import MAX_KEY, SCORER_IDS, index_dtype, nonfinite_score_error, random_seed_key, threshold_bin
+
+BLOCK = 2048  # elements per block (tests lower it to exercise many blocks on small tensors)
+CANDIDATE_CAP = 1 << 25  # candidate keys buffered in pass 2 (12 bytes each: int32 key + int64 block number)
+NB1, SHIFT1 = 2048, 20  # level 1: key bits 30..20 (plus the invalid bins 0x7F8..0x7FF)
+NB2, SHIFT2 = 2048, 9  # level 2: key bits 19..9
+NB3 = 512  # level 3: key bits 8..0
+INVALID_BIN = MAX_KEY >> SHIFT1  # 0x7F7: bins above it only hold NaN/Inf scores
+
+
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER: tl.constexpr):
+    """Int32 keys of the elements at ``offs`` (int64 flat indices); masked lanes get garbage, never used."""
+    if SCORER == 4:  # random: mix32(mix32(tkey ^ index_hi) ^ index_lo) >> 2
+        lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+        hi = (offs >> 32).to(tl.uint32)
+        h = _mix32(hi ^ tl.cast(tkey, tl.uint32))
+        h = _mix32(h ^ lo)
+        return (h >> 2).to(tl.int32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCORER == 2:  # magnitude: 0x7F7FFFFF - bits(|w|)
+        return 0x7F7FFFFF - tl.abs(w).to(tl.int32, bitcast=True)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCORER == 0:  # gallop: |g| / (|w| + eps), IEEE division like torch
+        s = tl.div_rn(tl.abs(g), tl.abs(w) + eps)
+    elif SCORER == 1:  # gradient: |g|
+        s = tl.abs(g)
+    else:  # product: |g * w|
+        s = tl.abs(g * w)
+    return s.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block: (block number, int64 flat offsets, in-range mask, keys)."""
+    b = tl.program_id(0)
+    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    return b, offs, mask, _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+
+
+@triton.jit
+def _histogram_kernel(
+    g_ptr,
+    w_ptr,
+    hist_ptr,
+    n,
+    eps,
+    tkey,
+    prefix,
+    n_blocks,
+    PREFIX_SHIFT: tl.constexpr,
+    BIN_SHIFT: tl.constexpr,
+    NBINS: tl.constexpr,
+    SCORER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """hist[bin] += #{keys with (key >> PREFIX_SHIFT) == prefix} by bin (key >> BIN_SHIFT) & (NBINS - 1).
+
+    PREFIX_SHIFT == 32 means no prefix filter (level 1, where negative keys must land in the invalid bins).
+    Persistent: program p handles blocks p, p + grid, ...; one histogram add per program.
+    """
+    pid = tl.program_id(0)
+    acc = tl.zeros((NBINS,), dtype=tl.int32)
+    excluded = 0
+    for b in range(pid, n_blocks, tl.num_programs(0)):
+        offs = tl.cast(b, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        keys = _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+        if PREFIX_SHIFT < 32:
+            mask = mask & ((keys >> PREFIX_SHIFT) == prefix)
+        bins = tl.where(mask, (keys >> BIN_SHIFT) & (NBINS - 1), 0)
+        acc += tl.histogram(bins, NBINS)  # excluded lanes were counted in bin 0: subtracted below
+        excluded += BLOCK - tl.sum(mask.to(tl.int32), 0)
+    acc -= tl.where(tl.arange(0, NBINS) == 0, excluded, 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), acc.to(tl.int64))
+
+
+@triton.jit
+def _collect_kernel(
+    g_ptr,
+    w_ptr,
+    n,
+    eps,
+    tkey,
+    b1,
+    first_block,
+    above_ptr,
+    cand_key_ptr,
+    cand_block_ptr,
+    cand_count_ptr,
+    SHIFT: tl.constexpr,
+    SCORER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Per block: above[block] = #{key >> SHIFT > b1}; append (key, block) for every key >> SHIFT == b1."""
+    b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
+    level1 = keys >> SHIFT
+    block = first_block + b
+    tl.store(above_ptr + block, tl.sum((mask & (level1 > b1)).to(tl.int32), 0))
+    in_bin = mask & (level1 == b1)
+    n_in = tl.sum(in_bin.to(tl.int32), 0)
+    if n_in > 0:
+        start = tl.atomic_add(cand_count_ptr, n_in.to(tl.int64))
+        pos = start + tl.cumsum(in_bin.to(tl.int64), 0) - 1
+        tl.store(cand_key_ptr + pos, keys, mask=in_bin)
+        tl.store(cand_block_ptr + pos, block.to(tl.int64) + tl.zeros((BLOCK,), dtype=tl.int64), mask=in_bin)
+
+
+@triton.jit
+def _count_kernel(
+    g_ptr, w_ptr, n, eps, tkey, threshold, first_block, above_ptr, ties_ptr, SCORER: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Per block: above[block] = #{key > T}, ties[block] = #{key == T}."""
+    b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
+    tl.store(above_ptr + first_block + b, tl.sum((mask & (keys > threshold)).to(tl.int32), 0))
+    tl.store(ties_ptr + first_block + b, tl.sum((mask & (keys == threshold)).to(tl.int32), 0))
+
+
+@triton.jit
+def _compact_kernel(
+    g_ptr,
+    w_ptr,
+    n,
+    eps,
+    tkey,
+    threshold,
+    first_block,
+    out_ptr,
+    out_off_ptr,
+    tie_off_ptr,
+    ties_wanted,
+    SCORER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Write, in index order, the keys > T and the ties whose global rank is below ``ties_wanted``."""
+    b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
+    tie = mask & (keys == threshold)
+    tie_rank = tl.load(tie_off_ptr + first_block + b) + tl.cumsum(tie.to(tl.int64), 0) - 1
+    take = (mask & (keys > threshold)) | (tie & (tie_rank < ties_wanted))
+    pos = tl.load(out_off_ptr + first_block + b) + tl.cumsum(take.to(tl.int64), 0) - 1
+    tl.store(out_ptr + pos, offs.to(out_ptr.dtype.element_ty), mask=take)
+
+
+def _hist_programs(device: torch.device, n_blocks: int) -> int:
+    """Persistent programs for a histogram pass: up to 4 per SM, but each loops over >= 16 blocks, so the
+    2048 global atomics a program ends with stay below 1/16 of the elements it reads."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_blocks // 16, 4 * sms))
+    return max(1, min(n_blocks, 4))  # the interpreter: few programs, several loop iterations each
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    c = torch.cumsum(x, 0)
+    return c - x
+
+
+class _Inputs:
+    """The flat (grad, weight) pointers of every tensor, with block numbering and the random scorer's keys."""
+
+    def __init__(self, grads, weights, scorer: str, eps: float, seed: int) -> None:
+        self.device = weights[0].device
+        self.scorer, self.sid, self.eps = scorer, SCORER_IDS[scorer], eps
+        self.w = [w.reshape(-1) if w.is_contiguous() else w.contiguous().reshape(-1) for w in weights]
+        self.g = [
+            None if g is None else (g.reshape(-1) if g.is_contiguous() else g.contiguous().reshape(-1)) for g in grads
+        ]
+        self.sizes = [w.numel() for w in self.w]
+        self.n_blocks = [triton.cdiv(n, BLOCK) for n in self.sizes]
+        self.first_block = [0]
+        for nb in self.n_blocks:
+            self.first_block.append(self.first_block[-1] + nb)
+        self.total_blocks = self.first_block[-1]
+        self.tkeys = [random_seed_key(seed, pos) for pos in range(len(weights))]
+
+    def nonempty(self):
+        """(position, n, grad pointer, weight pointer) of every non-empty tensor; a tensor that is not read (a
+        scorer without grads) aliases the weight."""
+        for pos, n in enumerate(self.sizes):
+            if n:
+                yield pos, n, (self.w[pos] if self.g[pos] is None else self.g[pos]), self.w[pos]
+
+
+def _histogram(x: _Inputs, prefix: int, prefix_shift: int, bin_shift: int, nbins: int) -> torch.Tensor:
+    """Per-tensor histograms [T, nbins] of key bits ``bin_shift..`` among keys whose ``key >> prefix_shift``
+    equals ``prefix`` (``prefix_shift == 32``: all keys)."""
+    hist = torch.zeros((len(x.sizes), nbins), dtype=torch.int64, device=x.device)
+    for pos, n, g, w in x.nonempty():
+        _histogram_kernel[(_hist_programs(x.device, x.n_blocks[pos]),)](
+            g,
+            w,
+            hist[pos],
+            n,
+            x.eps,
+            x.tkeys[pos],
+            prefix,
+            x.n_blocks[pos],
+            PREFIX_SHIFT=prefix_shift,
+            BIN_SHIFT=bin_shift,
+            NBINS=nbins,
+            SCORER=x.sid,
+            BLOCK=BLOCK,
+        )
+    return hist
+
+
+def _level1_histogram(x: _Inputs) -> torch.Tensor:
+    """The 2048-bin histogram of key bits 30..20 over all tensors; raises on a NaN/Inf score (names the tensor)."""
+    hist = _histogram(x, 0, 32, SHIFT1, NB1)
+    bad_pos = torch.nonzero(hist[:, INVALID_BIN + 1 :].sum(1)).reshape(-1)
+    if bad_pos.numel():
+        raise nonfinite_score_error(x.scorer, int(bad_pos[0]))
+    return hist.sum(0)
+
+
+def _collect_candidates(x: _Inputs, b1: int, n_cand: int, need: int):
+    """Pass 2: per-block counts above bin ``b1`` and the candidate keys inside it (with their block numbers);
+    resolves the exact threshold among the candidates. Returns (threshold, per-block above, per-block ties)."""
+    above32 = torch.zeros(x.total_blocks, dtype=torch.int32, device=x.device)
+    cand_key = torch.empty(n_cand, dtype=torch.int32, device=x.device)
+    cand_block = torch.empty(n_cand, dtype=torch.int64, device=x.device)
+    cand_count = torch.zeros(1, dtype=torch.int64, device=x.device)
+    for pos, n, g, w in x.nonempty():
+        _collect_kernel[(x.n_blocks[pos],)](
+            g,
+            w,
+            n,
+            x.eps,
+            x.tkeys[pos],
+            b1,
+            x.first_block[pos],
+            above32,
+            cand_key,
+            cand_block,
+            cand_count,
+            SHIFT=SHIFT1,
+            SCORER=x.sid,
+            BLOCK=BLOCK,
+        )
+    threshold = int(torch.sort(cand_key, descending=True).values[need - 1])
+    above = above32.to(torch.int64)
+    above += torch.bincount(cand_block[cand_key > threshold], minlength=x.total_blocks)
+    ties = torch.bincount(cand_block[cand_key == threshold], minlength=x.total_blocks)
+    return threshold, above, ties
+
+
+def _resolve_by_passes(x: _Inputs, b1: int, need: int):
+    """Heavy ties (too many candidates to buffer): two more histogram passes give the threshold, a count pass the
+    per-block counts. Returns (threshold, per-block above, per-block ties)."""
+    b2, above_b2 = threshold_bin(_histogram(x, b1, SHIFT1, SHIFT2, NB2).sum(0), need)
+    prefix2 = (b1 << (SHIFT1 - SHIFT2)) | b2
+    b3, _ = threshold_bin(_histogram(x, prefix2, SHIFT2, 0, NB3).sum(0), need - above_b2)
+    threshold = (prefix2 << SHIFT2) | b3
+    above32 = torch.zeros(x.total_blocks, dtype=torch.int32, device=x.device)
+    ties32 = torch.zeros(x.total_blocks, dtype=torch.int32, device=x.device)
+    for pos, n, g, w in x.nonempty():
+        _count_kernel[(x.n_blocks[pos],)](
+            g, w, n, x.eps, x.tkeys[pos], threshold, x.first_block[pos], above32, ties32, SCORER=x.sid, BLOCK=BLOCK
+        )
+    return threshold, above32.to(torch.int64), ties32.to(torch.int64)
+
+
+def _compact(x: _Inputs, k: int, threshold: int, above: torch.Tensor, ties: torch.Tensor) -> list[torch.Tensor]:
+    """Pass 3: ordered compaction. Ties are taken in global (tensor, index) order up to the quota."""
+    ties_wanted = k - int(above.sum())
+    tie_off = _exclusive_cumsum(ties)
+    taken = torch.minimum(torch.clamp(ties_wanted - tie_off, min=0), ties)
+    selected = above + taken
+    # per-tensor totals and per-block output offsets from one inclusive scan over all blocks
+    cs0 = torch.cat([torch.zeros(1, dtype=torch.int64, device=x.device), torch.cumsum(selected, 0)])
+    starts = torch.tensor(x.first_block, dtype=torch.int64, device=x.device)
+    counts = (cs0[starts[1:]] - cs0[starts[:-1]]).tolist()
+    block_start = torch.repeat_interleave(starts[:-1], torch.tensor(x.n_blocks, dtype=torch.int64, device=x.device))
+    out_off = cs0[:-1] - cs0[block_start]
+    outs = [torch.empty(counts[pos], dtype=index_dtype(n), device=x.device) for pos, n in enumerate(x.sizes)]
+    for pos, n, g, w in x.nonempty():
+        if counts[pos]:
+            _compact_kernel[(x.n_blocks[pos],)](
+                g,
+                w,
+                n,
+                x.eps,
+                x.tkeys[pos],
+                threshold,
+                x.first_block[pos],
+                outs[pos],
+                out_off,
+                tie_off,
+                ties_wanted,
+                SCORER=x.sid,
+                BLOCK=BLOCK,
+            )
+    return outs
+
+
+def select_topk(
+    grads: Sequence[torch.Tensor | None],
+    weights: Sequence[torch.Tensor],
+    k: int,
+    *,
+    scorer: str = "gallop",
+    eps: float = 1e-8,
+    seed: int = 0,
+) -> list[torch.Tensor]:
+    """Triton twin of ``reference.select_topk`` (inputs validated by ``gallop_kernels.select_topk``)."""
+    x = _Inputs(grads, weights, scorer, eps, seed)
+    hist = _level1_histogram(x)
+    b1, above_b1 = threshold_bin(hist, k)
+    need = k - above_b1
+    n_cand = int(hist[b1])
+    if n_cand <= CANDIDATE_CAP:
+        threshold, above, ties = _collect_candidates(x, b1, n_cand, need)
+    else:
+        threshold, above, ties = _resolve_by_passes(x, b1, need)
+    return _compact(x, k, threshold, above, ties)

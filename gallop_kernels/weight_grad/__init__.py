@@ -1,0 +1,42 @@
+"""weight_grad_at: a linear layer's weight gradient at selected entries only, ``(G^T X).view(-1)[indices]``.
+
+``reference.py``: the dense product in the activation dtype, then a gather (what CUDA runs too: there is no
+Triton kernel). This module checks the arguments and registers the ``torch.library`` custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._registry import implementation
+from .._validate import check_float, check_indices, check_same_device
+
+
+def check_args(grad_output, input, indices) -> None:
+    check_float(grad_output, "grad_output")
+    check_float(input, "input")
+    if grad_output.dtype != input.dtype:
+        raise TypeError(
+            f"grad_output is {grad_output.dtype} but input is {input.dtype}; cast both to one dtype "
+            f"(the autocast dtype under autocast)"
+        )
+    if grad_output.dim() < 1 or input.dim() < 1 or grad_output.shape[:-1] != input.shape[:-1]:
+        raise ValueError(
+            f"grad_output {tuple(grad_output.shape)} and input {tuple(input.shape)} must share their "
+            f"leading (token) dimensions: [..., M] and [..., N]"
+        )
+    check_indices(indices)
+    check_same_device([("grad_output", grad_output), ("input", input), ("indices", indices)])
+
+
+def weight_grad_at(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:
+    return implementation("weight_grad_at", grad_output.device)(grad_output, input, indices)
+
+
+weight_grad_at_op = torch.library.custom_op("gallop::weight_grad_at", weight_grad_at, mutates_args=())
+
+
+@weight_grad_at_op.register_fake
+def _(grad_output, input, indices):
+    return torch.empty(indices.shape, dtype=torch.float32, device=grad_output.device)
