@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 FORMAT_VERSION = 2
@@ -198,6 +199,9 @@ def write_adapter(
     for t in tensors:
         if t.values is None:
             raise ValueError(f"{t.name}: values are required")
+        n = t.indices.numel()
+        if t.values.numel() != n or (t.deltas is not None and t.deltas.numel() != n):
+            raise ValueError(f"{t.name}: {n} indices but {t.values.numel()} values: one value per index")
         if not bool(torch.isfinite(t.values.to(torch.float32)).all()):
             raise ValueError(
                 f"the trained values of {t.name!r} hold NaN or Inf (or overflow {t.dtype}); refusing to "
@@ -229,6 +233,9 @@ def write_adapter(
     text = json.dumps(config, indent=1, sort_keys=False)
     directory = prepare_folder(directory)
     with _folder_lock(directory):
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD):  # left by a killed save (we hold the lock)
+            for stale in directory.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         _atomic_write(
             directory / ADAPTER_WEIGHTS,
             lambda tmp: save_file(data, tmp, metadata={"format": "pt", _METADATA_KEY: text}),
@@ -275,14 +282,20 @@ def _check_config(config: Any, path: Path) -> dict:
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header metadata, tensors) from ONE read of the file: a concurrent save renames a new file over the path, and
+    two opens (safetensors' ``safe_open`` reads the header and maps the data separately) could mix two saves."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        blob = path.read_bytes()
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + n])
+        metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+        tensors = safetensors_load(blob)
+    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
         raise ValueError(
             f"{path}: cannot read the safetensors file ({e}); the adapter is damaged: save it again"
         ) from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: its header metadata is not an object; the adapter is damaged: save it again")
     return metadata, tensors
 
 

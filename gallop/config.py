@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
 
 from gallop_kernels import SCORERS
 
@@ -27,6 +32,11 @@ class GallopConfig:
             string matched against the full module name, as in PEFT.
         exclude_modules: modules removed from the targets (suffix list or regex string).
         seed: seed of the ``random`` scorer.
+        num_selected: select exactly this many entries (global budget), overriding ``density``: e.g. to match
+            another method's trainable-parameter count.
+
+    The density is relative to the *eligible* weights (by default the linear layers' weights without the head),
+    not to all parameters; ``Selection.density_of_all`` gives the other basis.
     """
 
     density: float = 0.01
@@ -36,30 +46,40 @@ class GallopConfig:
     target_modules: ModulePattern = None
     exclude_modules: ModulePattern = None
     seed: int = 0
+    num_selected: int | None = None
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.density, bool)
-            or not isinstance(self.density, (int, float))
-            or not math.isfinite(self.density)
-            or not 0 < self.density <= 1
-        ):
+        self.density = _real("density", self.density)
+        if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
+        self.eps = _real("eps", self.eps)
+        if self.eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if value is None or isinstance(value, str):
+            if value is None:
+                continue
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"{name} is not a valid regular expression ({e}): {value!r}; pass a regex or a "
+                                     f"list of module-name suffixes such as ['q_proj', 'v_proj']") from None
                 continue
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
                 raise TypeError(f"{name} must be None, a regex string or a list of module-name suffixes, got {value!r}")
             setattr(self, name, list(value))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        self.seed = _integer("seed", self.seed)
+        if self.num_selected is not None:
+            self.num_selected = _integer("num_selected", self.num_selected)
+            if self.num_selected < 1:
+                raise ValueError(f"num_selected must be >= 1 (or None to use density), got {self.num_selected}")
+            if self.budget != "global":
+                raise ValueError("num_selected fixes the global budget's k; use density with budget='per_tensor'")
 
     @property
     def uses_gradients(self) -> bool:
@@ -70,6 +90,25 @@ class GallopConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> GallopConfig:
+    def from_dict(cls, d: Any) -> GallopConfig:
+        """The config from ``to_dict()``'s output; unknown keys are ignored, missing ones take their defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a GallopConfig is stored as a JSON object of its fields, got a {type(d).__name__}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def _real(name: str, v: Any) -> float:
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite real number (Python, numpy or 0-d tensor scalar), got {v!r}")
+    return float(v)
+
+
+def _integer(name: str, v: Any) -> int:
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    return int(v)

@@ -82,9 +82,9 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             g = dy if dy.dtype == x.dtype else dy.to(x.dtype)
             ddelta = (
-                gallop_kernels.weight_grad_at(x, g, indices)
+                gallop_kernels.weight_grad_at(x, g, indices, check_indices=False)
                 if ctx.transposed
-                else gallop_kernels.weight_grad_at(g, x, indices)
+                else gallop_kernels.weight_grad_at(g, x, indices, check_indices=False)
             )
         return dx, None, dbias, ddelta, None, None, None
 
@@ -100,7 +100,7 @@ class InjectDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
-        return None, gallop_kernels.gather(grad, indices), None
+        return None, gallop_kernels.gather(grad, indices, check_indices=False), None
 
 
 def sparse_linear(

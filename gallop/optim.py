@@ -210,10 +210,10 @@ class SparseAdamW(torch.optim.Optimizer):
                 step = steps.pop() + 1
                 flat = flat_view(params)
                 if flat is not None:  # the deltas are slices of one tensor: update it in place
-                    gallop_kernels.sparse_adamw_(flat, grad, m, v, step=step, **hp)
+                    gallop_kernels.sparse_adamw_(flat, grad, m, v, step=step, nonfinite="assume_finite", **hp)
                 else:  # separate storages: update a packed copy, then copy back
                     work = torch.cat([p.detach().reshape(-1) for p in params])
-                    gallop_kernels.sparse_adamw_(work, grad, m, v, step=step, **hp)
+                    gallop_kernels.sparse_adamw_(work, grad, m, v, step=step, nonfinite="assume_finite", **hp)
                     torch._foreach_copy_(
                         [p.detach().view(-1) for p in params], list(work.split([p.numel() for p in params]))
                     )
@@ -236,6 +236,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 st["exp_avg"].reshape(-1),
                 st["exp_avg_sq"].reshape(-1),
                 step=st["step"],
+                nonfinite="assume_finite",
                 **hp,
             )
             torch.autograd.graph.increment_version(p)

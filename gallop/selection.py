@@ -118,7 +118,13 @@ class Selection(Mapping[str, torch.Tensor]):
 
     @property
     def density(self) -> float:
+        """Selected / eligible entries (the basis ``GallopConfig.density`` uses)."""
         return self.num_selected / max(1, self.num_eligible)
+
+    def density_of_all(self, model: nn.Module) -> float:
+        """Selected entries / all of the model's parameters (the basis some papers use, e.g. SpIEL)."""
+        total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("gallop_delta"))
+        return self.num_selected / max(1, total)
 
     def to(self, device: str | torch.device) -> Selection:
         return Selection({n: i.to(device) for n, i in self._indices.items()}, self.shapes, self.config)
@@ -174,7 +180,7 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
         config: the GallopConfig (default: 1% with the GaLLoP score and a global budget).
 
     Returns:
-        A Selection with exactly ``k = round(density * eligible)`` entries for the global budget; with the
+        A Selection with exactly ``k = round(density * eligible)`` (or ``num_selected``) entries for the global budget; with the
         ``per_tensor`` budget every tensor gets ``round(density * numel)``.
     """
     config = config or GallopConfig()
@@ -182,7 +188,11 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
     names = list(eligible)
     weights = [eligible[n].detach() for n in names]
     total = sum(w.numel() for w in weights)
-    k = round(config.density * total)
+    k = round(config.density * total) if config.num_selected is None else config.num_selected
+    if k > total:
+        raise ValueError(
+            f"num_selected={k:,} is more than the {total:,} eligible entries of this model; ask for at most {total:,}"
+        )
     if k < 1:
         raise ValueError(
             f"density={config.density} selects 0 of the {total:,} eligible entries; use density >= {1 / total:.3g}"

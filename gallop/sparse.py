@@ -182,9 +182,9 @@ def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
     if not live:
         return
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    check = not getattr(optimizer, "keeps_deltas_finite", False)
+    finite = bool(getattr(optimizer, "keeps_deltas_finite", False))
     for sparse in live:
-        sparse._write_after_step(ids, check_finite=check)
+        sparse._write_after_step(ids, deltas_finite=finite)
 
 
 @functools.cache
@@ -274,7 +274,7 @@ class SparseModel(nn.Module):
         for name, idx in zip(names, indices):
             n = int(idx.numel())
             base = flat_base[offset : offset + n]
-            gallop_kernels.gather(params[name].detach(), idx, out=base)
+            gallop_kernels.gather(params[name].detach(), idx, out=base, check_indices=False)
             delta = nn.Parameter(flat_delta[offset : offset + n])
             self._register_delta(name, delta)
             mods = owners[id(params[name])]
@@ -422,25 +422,34 @@ class SparseModel(nn.Module):
         self._check_finite(changed)
         self._write(changed)
 
-    def _write_after_step(self, param_ids: set, check_finite: bool) -> None:
+    def _write_after_step(self, param_ids: set, deltas_finite: bool) -> None:
         if self._unloaded or not self._merged:
             return
         targets = [t for t in self._targets if id(t.delta) in param_ids]
-        if not targets:
-            return
-        if check_finite:
-            self._check_finite(targets)
-        self._write(targets)
+        if targets:
+            self._check_finite(targets, deltas_finite)
+            self._write(targets)
 
-    def _check_finite(self, targets) -> None:
-        finite = torch.stack([torch.isfinite(t.delta.detach()).all() for t in targets]).all()
-        if not bool(finite):
-            bad = [t.name for t in targets if not bool(torch.isfinite(t.delta.detach()).all())]
-            raise FloatingPointError(
-                f"the deltas of {len(bad)} selected weights hold NaN or Inf (first: {bad[0]!r}), so they were not "
-                f"written into the weights (which still hold the last finite values). An optimizer stepped on a "
-                f"non-finite gradient: use gallop.SparseAdamW (it skips such steps) or lower the learning rate"
-            )
+    @staticmethod
+    def _bad_entries(t: _Target, deltas_finite: bool) -> list[torch.Tensor]:
+        checks = [] if deltas_finite else [torch.isfinite(t.delta.detach()).all()]
+        if t.weight.dtype == torch.float16:  # the one weight dtype a finite fp32 sum can overflow
+            checks.append(torch.isfinite((t.base + t.delta.detach()).to(torch.float16)).all())
+        return checks
+
+    def _check_finite(self, targets, deltas_finite: bool = False) -> None:
+        """Raise ``FloatingPointError`` (writing nothing) for a non-finite delta, or a merged value that overflows an
+        fp16 weight: the weights never receive NaN or Inf. One device sync."""
+        checks = [c for t in targets for c in self._bad_entries(t, deltas_finite)]
+        if not checks or bool(torch.stack(checks).all()):
+            return
+        bad = [t.name for t in targets if not all(bool(c) for c in self._bad_entries(t, deltas_finite))]
+        raise FloatingPointError(
+            f"the deltas of {len(bad)} selected weights hold NaN or Inf, or overflow the weight's dtype (first: "
+            f"{bad[0]!r}), so they were not written into the weights (which still hold the last finite values). An "
+            f"optimizer stepped on a non-finite gradient or diverged: use gallop.SparseAdamW (it skips non-finite "
+            f"steps) or lower the learning rate"
+        )
 
     def write_back(self) -> None:
         """Write ``cast(base + delta)`` into every selected weight now (what ``SparseAdamW`` calls after a step)."""
@@ -456,7 +465,14 @@ class SparseModel(nn.Module):
                     f"the delta or base of {t.name!r} was cast to {t.delta.dtype}/{t.base.dtype}; "
                     f"GaLLoP keeps them in fp32: cast the model before wrapping it"
                 )
-            gallop_kernels.scatter_(t.weight.detach(), t.indices, t.delta.detach(), base=t.base)
+            gallop_kernels.scatter_(
+                t.weight.detach(),
+                t.indices,
+                t.delta.detach(),
+                base=t.base,
+                check_indices=False,
+                nonfinite="assume_finite",
+            )
             t.synced_version = t.delta._version
 
     # ------------------------------------------------------------------------------------------ public API
@@ -528,7 +544,9 @@ class SparseModel(nn.Module):
         self._check_live()
         with torch.no_grad():
             for t in self._targets:
-                gallop_kernels.scatter_(t.weight.detach(), t.indices, t.base)
+                gallop_kernels.scatter_(
+                    t.weight.detach(), t.indices, t.base, check_indices=False, nonfinite="assume_finite"
+                )
         self._merged = False
         return self._model
 
@@ -729,7 +747,7 @@ class SparseModel(nn.Module):
                 raise ValueError(f"the adapter's indices for {t.name!r} run past the weight: the adapter is damaged")
             idx = t.indices.to(p.device, gallop_kernels.index_dtype(p.numel()))
             indices[t.name] = idx
-            bases.append(gallop_kernels.gather(p.detach(), idx))
+            bases.append(gallop_kernels.gather(p.detach(), idx, check_indices=False))
         names = [t.name for t in adapter.tensors]
         fingerprint = adapters.base_fingerprint(
             names, [t.shape for t in adapter.tensors], [t.dtype for t in adapter.tensors], bases

@@ -109,3 +109,61 @@ def adamw_hparams(step, lr, beta1, beta2, eps, weight_decay) -> dict:
         eps=real("eps", eps, low=0.0),
         weight_decay=real("weight_decay", weight_decay, low=0.0),
     )
+
+
+def check_index_range(indices: torch.Tensor, numel: int, name: str = "indices", *, unique: bool = False) -> None:
+    """Every index in ``[0, numel)`` (and no index twice when ``unique``): one reduction and one device sync.
+
+    Sorted indices pass the uniqueness check with one comparison; unsorted ones need a ``torch.unique``.
+    """
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.aminmax(indices)
+    parts = [lo.to(torch.int64), hi.to(torch.int64)]
+    if unique and indices.numel() > 1:
+        parts.append((indices[1:] > indices[:-1]).all().to(torch.int64))
+    values = torch.stack(parts).tolist()
+    if values[0] < 0 or values[1] >= numel:
+        raise ValueError(
+            f"{name} must lie in [0, {numel}) (flat indices into a tensor of {numel} elements), got "
+            f"min {values[0]} and max {values[1]}"
+        )
+    if unique and indices.numel() > 1 and not values[2]:
+        if torch.unique(indices).numel() != indices.numel():
+            raise ValueError(
+                f"{name} holds duplicates: each entry may be written once (with duplicates, which "
+                f"write wins is undefined); pass unique indices"
+            )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the memory a tensor may touch (conservative for non-contiguous tensors)."""
+    if t.numel() == 0:
+        return (0, 0)
+    start = t.data_ptr()
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return start, start + extent * t.element_size()
+
+
+def check_no_overlap(named: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    """No two of the named tensors share memory (an op that writes one and reads another would race); no sync."""
+    spans = [(name, t.device, *_span(t)) for name, t in named if t is not None and t.numel()]
+    for i, (a, dev_a, a0, a1) in enumerate(spans):
+        for b, dev_b, b0, b1 in spans[i + 1 :]:
+            if dev_a == dev_b and a0 < b1 and b0 < a1:
+                raise ValueError(
+                    f"{a} and {b} share memory: pass separate tensors (an op that writes one while "
+                    f"reading the other gives backend-dependent results)"
+                )
+
+
+NONFINITE = ("skip", "raise", "assume_finite")
+
+
+def check_nonfinite_option(nonfinite: str) -> None:
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all()) if t.numel() else True

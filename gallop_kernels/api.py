@@ -9,11 +9,12 @@ After an eager op wrote a tensor, its autograd version counter is advanced, whic
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
-from . import adamw, gather_scatter, topk_select, weight_grad
+from . import _validate, adamw, gather_scatter, topk_select, weight_grad
 from ._registry import implementation
 
 
@@ -77,11 +78,12 @@ def sparse_adamw_(
     beta2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    nonfinite: str = "skip",
 ) -> None:
     """One AdamW step over compressed (flat) buffers, in place, with exactly ``torch.optim.AdamW``'s math.
 
-    All four tensors are 1-D, contiguous, fp32, of one length ``K`` (the selected entries). With
-    ``bc1 = 1 - beta1**step`` and ``bc2 = 1 - beta2**step``::
+    All four tensors are 1-D, contiguous, fp32, of one length ``K`` (the selected entries), and share no memory.
+    With ``bc1 = 1 - beta1**step`` and ``bc2 = 1 - beta2**step``::
 
         param      *= 1 - lr * weight_decay                      (decoupled decay, toward 0)
         exp_avg     = exp_avg + (1 - beta1) * (grad - exp_avg)
@@ -90,8 +92,16 @@ def sparse_adamw_(
 
     (amsgrad=False, maximize=False). ``step`` is the 1-based step count of this update. Scalars may be Python,
     numpy or 0-d tensor numbers.
+
+    ``nonfinite``: when ``grad`` holds a NaN or Inf, ``"skip"`` (default) changes nothing and warns,
+    ``"raise"`` raises ``FloatingPointError`` (changing nothing), ``"assume_finite"`` does not check (no device
+    sync; for callers that checked already).
     """
     hp = adamw.check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    _validate.check_nonfinite_option(nonfinite)
+    if nonfinite != "assume_finite" and not _validate.all_finite(grad):
+        _nonfinite("grad holds NaN or Inf: the AdamW step was skipped (param and moments unchanged)", nonfinite)
+        return
     args = (param, grad, exp_avg, exp_avg_sq, *hp.values())
     if _compiling():
         adamw.sparse_adamw_op(*args)
@@ -115,17 +125,41 @@ def sparse_adamw_step_(
     beta2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    check_indices: bool = True,
+    nonfinite: str = "skip",
 ) -> None:
     """Fused optimizer step for one weight tensor from its dense gradient: gather, AdamW, write-back.
 
     ``grad = fp32(weight_grad.view(-1)[indices])``; ``sparse_adamw_(delta, grad, exp_avg, exp_avg_sq, ...)``;
     ``weight.view(-1)[indices] = cast(base + delta)``. ``weight`` and ``weight_grad`` share one shape (any float
-    dtype, contiguous); ``indices`` is 1-D int32/int64 of length ``K``; ``base`` 1-D of length ``K`` (any float
-    dtype); ``delta``, ``exp_avg``, ``exp_avg_sq`` 1-D contiguous fp32 of length ``K``.
+    dtype, contiguous); ``indices`` is 1-D int32/int64 of length ``K``, unique, in ``[0, weight.numel())``; ``base``
+    1-D of length ``K`` (any float dtype); ``delta``, ``exp_avg``, ``exp_avg_sq`` 1-D contiguous fp32 of length
+    ``K``; no two of them share memory.
+
+    ``check_indices`` (default True) verifies the index range and uniqueness first (one reduction, one device
+    sync); with False an out-of-range index is ignored by the Triton kernel (memory-safe, result undefined) and
+    raises in the reference. ``nonfinite`` as in ``sparse_adamw_``, applied to the gathered gradient.
     """
     hp = adamw.check_step_args(
-        weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay
+        weight,
+        weight_grad,
+        indices,
+        base,
+        delta,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        check_indices,
+        nonfinite,
     )
+    if nonfinite != "assume_finite" and not _validate.all_finite(gather_scatter.gather(weight_grad, indices)):
+        _nonfinite("weight_grad holds NaN or Inf at the selected entries: the step was skipped", nonfinite)
+        return
     args = (weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hp.values())
     if _compiling():
         adamw.sparse_adamw_step_op(*args)
@@ -135,20 +169,28 @@ def sparse_adamw_step_(
 
 
 def gather(
-    src: torch.Tensor, indices: torch.Tensor, *, out: torch.Tensor | None = None, accumulate: bool = False
+    src: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """``out = fp32(src.reshape(-1)[indices])`` (or ``out += ...`` with ``accumulate=True``).
 
     Args:
         src: any shape, any float dtype.
         indices: 1-D int32/int64 flat indices into ``src``, each in ``[0, src.numel())``.
-        out: optional 1-D contiguous fp32 tensor of ``len(indices)``; allocated when ``None``.
+        out: optional 1-D contiguous fp32 tensor of ``len(indices)``, sharing no memory with ``src``; allocated
+            when ``None``.
         accumulate: add into ``out`` instead of overwriting it.
+        check_indices: verify the index range first (one reduction, one device sync). With False an out-of-range
+            index reads 0 on the Triton backend (never memory outside ``src``) and raises in the reference.
 
     Returns:
         ``out`` (fp32, shape ``[len(indices)]``).
     """
-    gather_scatter.check_gather_args(src, indices, out)
+    gather_scatter.check_gather_args(src, indices, out, check_indices)
     if accumulate and out is None:
         raise ValueError("accumulate=True needs an out tensor to add into; pass out=...")
     if out is None:
@@ -162,7 +204,13 @@ def gather(
 
 
 def scatter_(
-    dst: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *, base: torch.Tensor | None = None
+    dst: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    base: torch.Tensor | None = None,
+    check_indices: bool = True,
+    nonfinite: str = "skip",
 ) -> None:
     """``dst.view(-1)[indices] = cast(base + values)``, or ``cast(values)`` without ``base``, in place.
 
@@ -172,8 +220,20 @@ def scatter_(
         values: 1-D contiguous fp32 of ``len(indices)`` (the fp32 delta).
         base: optional 1-D of ``len(indices)``, any float dtype (the exact pretrained values).
             The sum is computed in fp32 and rounded once to ``dst.dtype`` (round to nearest even).
+        check_indices: verify range and uniqueness first (one reduction, one device sync). With False an
+            out-of-range index is never written by the Triton kernel (and raises in the reference); duplicates
+            then leave an undefined one of their values.
+        nonfinite: when ``cast(base + values)`` holds a NaN or Inf (including an overflow of ``dst.dtype``, e.g.
+            fp16 above 65504), ``"skip"`` (default) writes nothing and warns, ``"raise"`` raises
+            ``FloatingPointError``, ``"assume_finite"`` writes without checking.
+    No argument may share memory with ``dst``.
     """
-    gather_scatter.check_scatter_args(dst, indices, values, base)
+    gather_scatter.check_scatter_args(dst, indices, values, base, check_indices, nonfinite)
+    if nonfinite != "assume_finite":
+        written = (values if base is None else base.to(torch.float32) + values).to(dst.dtype)
+        if not _validate.all_finite(written):
+            _nonfinite(f"cast(base + values) to {dst.dtype} holds NaN or Inf: nothing was written", nonfinite)
+            return
     if _compiling():
         gather_scatter.scatter_op(dst, indices, values, base)
     else:
@@ -181,13 +241,16 @@ def scatter_(
         _bump(dst)
 
 
-def weight_grad_at(grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def weight_grad_at(
+    grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, *, check_indices: bool = True
+) -> torch.Tensor:
     """The weight gradient of a linear layer at selected entries only: ``(G^T X).view(-1)[indices]`` in fp32.
 
     Args:
         grad_output: ``[..., M]`` (the gradient of the layer's output ``y = X W^T``), any float dtype.
         input: ``[..., N]`` (the layer's input ``X``), the same dtype and the same leading (token) dimensions.
         indices: 1-D int32/int64 flat indices into the ``[M, N]`` weight gradient, each in ``[0, M * N)``.
+        check_indices: verify the index range first (one reduction, one device sync).
 
     Returns:
         fp32 ``[len(indices)]``: ``out[i] = sum_t G[t, r] * X[t, c]`` with ``(r, c) = divmod(indices[i], N)``, the
@@ -198,5 +261,12 @@ def weight_grad_at(grad_output: torch.Tensor, input: torch.Tensor, indices: torc
     the inputs' dtype, as torch's linear backward does, and gathers; a sampled kernel that computes only the
     selected entries may replace it where it is faster, agreeing within the inputs' dtype rounding.
     """
-    weight_grad.check_args(grad_output, input, indices)
-    return (weight_grad.weight_grad_at_op if _compiling() else weight_grad.weight_grad_at)(grad_output, input, indices)
+    weight_grad.check_args(grad_output, input, indices, check_indices)
+    op = weight_grad.weight_grad_at_op if _compiling() else weight_grad.weight_grad_at
+    return op(grad_output, input, indices)
+
+
+def _nonfinite(message: str, nonfinite: str) -> None:
+    if nonfinite == "raise":
+        raise FloatingPointError(message + " (nonfinite='skip' skips instead of raising)")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 
 from .._registry import implementation
-from .._validate import adamw_hparams, check_float, check_fp32_1d, check_same_device
+from .._validate import (
+    adamw_hparams,
+    check_float,
+    check_fp32_1d,
+    check_index_range,
+    check_no_overlap,
+    check_nonfinite_option,
+    check_same_device,
+)
 from ..gather_scatter import check_scatter_args
 
 
@@ -27,19 +35,55 @@ def check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
                 f"must have one length"
             )
     check_same_device(named)
+    check_no_overlap(named)
     return adamw_hparams(step, lr, beta1, beta2, eps, weight_decay)
 
 
 def check_step_args(
-    weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay
+    weight,
+    weight_grad,
+    indices,
+    base,
+    delta,
+    exp_avg,
+    exp_avg_sq,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    check_indices: bool = True,
+    nonfinite: str = "skip",
 ) -> dict:
     """Validate ``sparse_adamw_step_``'s arguments; returns the converted scalars."""
+    check_nonfinite_option(nonfinite)
     check_float(weight_grad, "weight_grad")
     if weight_grad.shape != weight.shape:
         raise ValueError(f"weight_grad has shape {tuple(weight_grad.shape)} but weight has shape {tuple(weight.shape)}")
-    check_scatter_args(weight, indices, delta, base)
-    hp = check_args(delta, delta, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    check_scatter_args(weight, indices, delta, base, check_range=False)
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        check_fp32_1d(t, name)
+        if t.numel() != delta.numel():
+            raise ValueError(
+                f"{name} has length {t.numel()} but delta has length {delta.numel()}; the state buffers "
+                f"must have one length"
+            )
+    hp = adamw_hparams(step, lr, beta1, beta2, eps, weight_decay)
     check_same_device([("weight", weight), ("weight_grad", weight_grad), ("exp_avg", exp_avg)])
+    check_no_overlap(
+        [
+            ("weight", weight),
+            ("weight_grad", weight_grad),
+            ("indices", indices),
+            ("base", base),
+            ("delta", delta),
+            ("exp_avg", exp_avg),
+            ("exp_avg_sq", exp_avg_sq),
+        ]
+    )
+    if check_indices:
+        check_index_range(indices, weight.numel(), unique=True)
     return hp
 
 

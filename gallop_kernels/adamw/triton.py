@@ -76,6 +76,7 @@ def _adamw_step_kernel(
     m_ptr,
     v_ptr,
     n,
+    n_weight,
     decay,
     one_minus_beta1,
     beta2,
@@ -88,12 +89,13 @@ def _adamw_step_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     idx = tl.load(idx_ptr + offs, mask=mask, other=0).to(tl.int64)
-    g = tl.load(wg_ptr + idx, mask=mask).to(tl.float32)
+    inside = mask & (idx >= 0) & (idx < n_weight)  # never touch memory outside the weight, whatever the indices
+    g = tl.load(wg_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     d = _adamw_buffers(
         d_ptr, m_ptr, v_ptr, g, offs, mask, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps
     )
     base = tl.load(base_ptr + offs, mask=mask).to(tl.float32)
-    tl.store(w_ptr + idx, cast_rne(base + d, w_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + idx, cast_rne(base + d, w_ptr.dtype.element_ty), mask=inside)
 
 
 def _scalars(step, lr, beta1, beta2, eps, weight_decay):
@@ -151,6 +153,7 @@ def sparse_adamw_step_(
         exp_avg,
         exp_avg_sq,
         n,
+        weight.numel(),
         **_scalars(step, lr, beta1, beta2, eps, weight_decay),
         BLOCK=BLOCK,
     )

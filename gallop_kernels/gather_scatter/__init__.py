@@ -10,10 +10,18 @@ import torch
 from torch import Tensor
 
 from .._registry import implementation
-from .._validate import check_float, check_fp32_1d, check_indices, check_same_device
+from .._validate import (
+    check_float,
+    check_fp32_1d,
+    check_index_range,
+    check_indices,
+    check_no_overlap,
+    check_nonfinite_option,
+    check_same_device,
+)
 
 
-def check_gather_args(src, indices, out) -> None:
+def check_gather_args(src, indices, out, check_range: bool = True) -> None:
     check_float(src, "src")
     check_indices(indices)
     check_same_device([("src", src), ("indices", indices), ("out", out)])
@@ -21,9 +29,13 @@ def check_gather_args(src, indices, out) -> None:
         check_fp32_1d(out, "out")
         if out.numel() != indices.numel():
             raise ValueError(f"out has length {out.numel()} but indices has length {indices.numel()}")
+        check_no_overlap([("out", out), ("src", src), ("indices", indices)])
+    if check_range:
+        check_index_range(indices, src.numel())
 
 
-def check_scatter_args(dst, indices, values, base) -> None:
+def check_scatter_args(dst, indices, values, base, check_range: bool = True, nonfinite: str = "skip") -> None:
+    check_nonfinite_option(nonfinite)
     check_float(dst, "dst")
     if not dst.is_contiguous():
         raise ValueError(
@@ -40,6 +52,9 @@ def check_scatter_args(dst, indices, values, base) -> None:
                 f"base must be 1-D with length {indices.numel()} (one per index), got shape {tuple(base.shape)}"
             )
     check_same_device([("dst", dst), ("indices", indices), ("values", values), ("base", base)])
+    check_no_overlap([("dst", dst), ("indices", indices), ("values", values), ("base", base)])
+    if check_range:
+        check_index_range(indices, dst.numel(), unique=True)
 
 
 def gather(src: Tensor, indices: Tensor) -> Tensor:

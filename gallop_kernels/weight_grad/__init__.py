@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from .._registry import implementation
-from .._validate import check_float, check_indices, check_same_device
+from .._validate import check_float, check_index_range, check_indices, check_same_device
 
 
-def check_args(grad_output, input, indices) -> None:
+def check_args(grad_output, input, indices, check_range: bool = True) -> None:
     check_float(grad_output, "grad_output")
     check_float(input, "input")
     if grad_output.dtype != input.dtype:
@@ -28,6 +28,8 @@ def check_args(grad_output, input, indices) -> None:
         )
     check_indices(indices)
     check_same_device([("grad_output", grad_output), ("input", input), ("indices", indices)])
+    if check_range:
+        check_index_range(indices, grad_output.shape[-1] * input.shape[-1])
 
 
 def weight_grad_at(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:

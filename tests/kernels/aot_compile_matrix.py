@@ -109,6 +109,7 @@ def optimizer_and_scatter_kernels(target) -> int:
                 "d_ptr": "*fp32",
                 "m_ptr": "*fp32",
                 "v_ptr": "*fp32",
+                "n_weight": "i64",
                 **scalars,
             }
             _compile(adamw._adamw_step_kernel, target, step_types, dict(BLOCK=adamw.BLOCK))
@@ -116,14 +117,14 @@ def optimizer_and_scatter_kernels(target) -> int:
                 _compile(
                     scatter._gather_kernel,
                     target,
-                    {"src_ptr": w, "idx_ptr": i, "out_ptr": "*fp32", "n": "i64"},
+                    {"src_ptr": w, "idx_ptr": i, "out_ptr": "*fp32", "n": "i64", "n_src": "i64"},
                     dict(ACCUMULATE=acc, BLOCK=scatter.BLOCK),
                 )
             for has_base in (False, True):
                 _compile(
                     scatter._scatter_kernel,
                     target,
-                    {"dst_ptr": w, "idx_ptr": i, "val_ptr": "*fp32", "base_ptr": w, "n": "i64"},
+                    {"dst_ptr": w, "idx_ptr": i, "val_ptr": "*fp32", "base_ptr": w, "n": "i64", "n_dst": "i64"},
                     dict(HAS_BASE=has_base, BLOCK=scatter.BLOCK),
                 )
             count += 5
