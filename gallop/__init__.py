@@ -1,13 +1,23 @@
-"""gallop: GaLLoP sparse fine-tuning wired into Hugging Face models, on top of gallop_kernels."""
+"""gallop: GaLLoP sparse fine-tuning wired into Hugging Face models, on top of gallop_kernels.
 
-from gallop_kernels import __version__
+The public names load lazily (importing ``gallop`` costs nothing until one is used, so the CLI starts fast).
+"""
 
-from .calibrate import mean_gradients
-from .config import GallopConfig
-from .optim import SparseAdamW
-from .selection import Selection, eligible_parameters, select
-from .sparse import SparseModel
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "GallopConfig": "config",
+    "mean_gradients": "calibrate",
+    "select": "selection",
+    "Selection": "selection",
+    "eligible_parameters": "selection",
+    "SparseModel": "sparse",
+    "SparseAdamW": "optim",
+    "load_model": "models",
+}
 __all__ = [
     "GallopConfig",
     "mean_gradients",
@@ -16,5 +26,30 @@ __all__ = [
     "eligible_parameters",
     "SparseModel",
     "SparseAdamW",
+    "load_model",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .calibrate import mean_gradients
+    from .config import GallopConfig
+    from .models import load_model
+    from .optim import SparseAdamW
+    from .selection import Selection, eligible_parameters, select
+    from .sparse import SparseModel
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from gallop_kernels import __version__
+
+        return __version__
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gallop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

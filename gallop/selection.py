@@ -180,8 +180,9 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
         config: the GallopConfig (default: 1% with the GaLLoP score and a global budget).
 
     Returns:
-        A Selection with exactly ``k = round(density * eligible)`` (or ``num_selected``) entries for the global budget; with the
-        ``per_tensor`` budget every tensor gets ``round(density * numel)``.
+        A Selection with exactly ``k = round(density * eligible)`` (or ``num_selected``) entries for the global
+        budget; with the ``per_tensor`` budget every tensor gets ``floor(density * numel)`` (PEFT Supertuning's
+        count).
     """
     config = config or GallopConfig()
     eligible = eligible_parameters(model, config)
@@ -221,7 +222,7 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
     else:
         idx = []
         for pos, w in enumerate(weights):
-            k_t = round(config.density * w.numel())
+            k_t = int(config.density * w.numel())  # floor, as PEFT Supertuning counts: such selections export
             if k_t == 0:
                 idx.append(torch.empty(0, dtype=torch.int32, device=w.device))
                 continue

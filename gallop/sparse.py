@@ -662,6 +662,31 @@ class SparseModel(nn.Module):
         ]
         adapters.write_adapter(directory, tensors, config, model_card=adapters.model_card(config))
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload GaLLoP adapter",
+        revision: str | None = None,
+        save_deltas: bool = False,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Save the adapter (as ``save_pretrained`` does) and upload the folder to the Hub repository ``repo_id``
+        (created if needed) with ``huggingface_hub``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, save_deltas=save_deltas, metrics=metrics)
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision, repo_type="model"
+            )
+
     def adapter_config(self, states: list[TargetState] | None = None) -> dict:
         """The config an adapter of this SparseModel records (without the per-tensor part)."""
         from . import adapters

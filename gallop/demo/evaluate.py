@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .tasks import Example, encode, pad_id
+from ..data import Example, encode, pad_id
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def choice_logprobs(
     pairs = []
     for e, ex in enumerate(examples):
         for c, choice in enumerate(ex.choices):
-            ids, n_prompt = encode(tokenizer, ex.prompt, choice)
+            ids, n_prompt = encode(tokenizer, ex.prompt, choice, ex.sep)
             pairs.append((e, c, ids, n_prompt))
     out = [[0.0] * len(ex.choices) for ex in examples]
     device = next(model.parameters()).device
@@ -67,12 +68,69 @@ def accuracy(
 
 
 def forget_ratio(acc_ood_vanilla: float, acc_ood: float) -> float:
-    """``max(0, (acc_ood_vanilla - acc_ood) / acc_ood_vanilla)`` (0 when the vanilla accuracy is 0)."""
+    """The paper's forget ratio ``max(0, (acc_ood_vanilla - acc_ood) / acc_ood_vanilla)`` (0 when the vanilla
+    accuracy is 0: nothing to forget)."""
     if acc_ood_vanilla <= 0:
         return 0.0
     return max(0.0, (acc_ood_vanilla - acc_ood) / acc_ood_vanilla)
 
 
 def collapsed_tasks(ood_accuracies: dict[str, float]) -> list[str]:
-    """The OOD tasks whose accuracy dropped to 0 (the paper's collapse), sorted."""
-    return sorted(t for t, a in ood_accuracies.items() if a == 0.0)
+    """The OOD sets whose floored accuracy in percent is 0 (the paper's collapse), sorted."""
+    return sorted(t for t, a in ood_accuracies.items() if math.floor(100 * a) == 0)
+
+
+def collapse_rate(ood_accuracies: dict[str, float]) -> float:
+    """The paper's collapse rate: the fraction of OOD sets whose floored accuracy in percent is 0."""
+    if not ood_accuracies:
+        return 0.0
+    return len(collapsed_tasks(ood_accuracies)) / len(ood_accuracies)
+
+
+def _parse_answer(text: str) -> str:
+    """The answer in a generated continuation: its first line, stripped of spaces and final punctuation."""
+    line = text.strip().split("\n")[0].strip()
+    return line.rstrip(".!,;:").strip().lower()
+
+
+@torch.no_grad()
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generate",
+) -> float:
+    """Generative accuracy: greedy decoding after each prompt, the answer parsed from the output (first line,
+    case-insensitive, trailing punctuation dropped) compared with the right choice. This is where collapse shows:
+    a model that emits only EOS or breaks the answer format scores 0 here even if its likelihoods still rank well."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    right = 0
+    try:
+        for i in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
+            chunk = examples[i : i + batch_size]
+            prompts = [tokenizer(ex.prompt + ex.sep.rstrip(), add_special_tokens=False)["input_ids"] for ex in chunk]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(chunk), width), pad_id(tokenizer), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, p in enumerate(prompts):  # left padding, so every row continues right after its prompt
+                ids[r, width - len(p) :] = torch.tensor(p)
+                mask[r, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id(tokenizer),
+            )
+            for r, ex in enumerate(chunk):
+                text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
+                right += int(_parse_answer(text) == ex.answer.strip().lower())
+    finally:
+        model.train(was_training)
+    return right / max(1, len(examples))

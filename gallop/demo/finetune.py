@@ -1,212 +1,404 @@
-"""The end-to-end GaLLoP job behind ``gallop finetune`` (and ``make demo``).
+"""The end-to-end GaLLoP job behind ``gallop finetune`` (and ``make demo``), on ``GallopTrainer``.
 
-Load a model, evaluate it (in-distribution: the training task's test split; out-of-distribution: the other
-built-in tasks), compute calibration gradients, select, train only the selected entries, evaluate again, and
-write the adapter, a metrics JSON and a loss-curve PNG.
+Load a model, evaluate it (in distribution: the training task's or dataset's held-out examples; out of
+distribution: other built-in tasks), compute the calibration gradient on a random fraction ``d_s`` of the training
+set, select, train only the selected entries with the Hugging Face Trainer (checkpoints, resume, accumulation, bf16,
+``report_to`` all come from ``TrainingArguments``), evaluate again, and write the adapter, ``metrics.json`` and
+(with matplotlib) ``loss.png``. Every argument is checked before anything is loaded or written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from ..adapters import atomic_write_text
-from ..calibrate import mean_gradients
-from ..config import GallopConfig
-from ..optim import SparseAdamW
-from ..selection import select
-from ..sparse import SparseModel
-from .evaluate import accuracy, collapsed_tasks, forget_ratio
-from .tasks import TASKS, Example, batches, load_jsonl, task_examples
+logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneArgs:
-    """Options of ``finetune`` (and of ``gallop finetune``, which maps each to a ``--flag``)."""
+class ModelArguments:
+    """Which model, in which dtype, on which device."""
 
-    model: str = "smollm2"
-    task: str = "sentiment"
-    density: float = 0.01
-    scorer: str = "gallop"
-    budget: str = "global"
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.1
-    max_grad_norm: float = 1.0
-    calib_examples: int = 64
-    train_examples: int = 256
-    eval_examples: int = 48
-    ood_tasks: list = field(default_factory=lambda: [t for t in TASKS])
-    device: str = "cpu"
-    output_dir: str = "runs/finetune"
-    save_deltas: bool = False
-    seed: int = 0
-    progress: bool = True
+    model: str = field(
+        default="smollm2",
+        metadata={"help": "'smollm2', 'gemma3-270m', a local model folder, a .gguf file or a Hugging Face Hub id"},
+    )
+    dtype: str = field(default="fp32", metadata={"help": "weights dtype", "choices": ["auto", "bf16", "fp16", "fp32"]})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
+    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit"})
 
-    def validate(self) -> None:
-        GallopConfig(density=self.density, scorer=self.scorer, budget=self.budget, seed=self.seed)
-        for name in ("steps", "batch_size", "calib_examples", "train_examples", "eval_examples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        unknown = [t for t in self.ood_tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown OOD tasks {unknown}; built-in tasks: {', '.join(TASKS)}")
-        if self.task not in TASKS and not Path(self.task).is_file():
-            raise ValueError(
-                f"task must be a built-in task ({', '.join(TASKS)}) or an existing JSONL file, got {self.task!r}"
-            )
+    def resolved_device(self) -> str:
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
 
-def _data(args: FinetuneArgs) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
-    """(train examples, in-distribution test examples, OOD task -> test examples)."""
-    if args.task in TASKS:
-        train = task_examples(args.task, "train", args.train_examples)
-        test = task_examples(args.task, "test", args.eval_examples)
+@dataclass
+class DataArguments:
+    """The training data and the evaluation sets."""
+
+    task: str = field(
+        default="sentiment",
+        metadata={"help": "a built-in task (see `gallop eval --help`); ignored when --dataset is given"},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "a datasets.load_dataset spec: a local .json/.jsonl/.csv/.parquet file or folder, or a Hub "
+            "dataset id; records as prompt/completion, messages (chat template), prompt/answer or "
+            "prompt/choices/label"
+        },
+    )
+    split: str = field(default="train", metadata={"help": "the dataset split to train on"})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "the dataset split to evaluate on (default: the last fifth of --split is held out)"},
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "the dataset column holding the prompt"})
+    completion_column: str = field(default="completion", metadata={"help": "the column holding the completion"})
+    messages_column: str = field(default="messages", metadata={"help": "the column holding chat messages"})
+    max_length: int = field(default=512, metadata={"help": "truncate examples to this many tokens"})
+    train_examples: int = field(default=256, metadata={"help": "training examples used (at most)"})
+    eval_examples: int = field(default=48, metadata={"help": "test examples per task (ID and each OOD task)"})
+    ood_tasks: str = field(
+        default="all", metadata={"help": "comma list of built-in tasks to evaluate OOD, 'all', or 'none'"}
+    )
+
+    def columns(self) -> dict[str, str]:
+        return {"prompt": self.prompt_column, "completion": self.completion_column, "messages": self.messages_column}
+
+
+@dataclass
+class SelectionArguments:
+    """GaLLoP's selection (GallopConfig) and its calibration gradient."""
+
+    density: float = field(default=0.01, metadata={"help": "fraction of the eligible weights to train, in (0, 1]"})
+    scorer: str = field(
+        default="gallop",
+        metadata={
+            "help": "gallop |g|/(|w|+eps), gradient |g|, magnitude (smallest |w|), product |g*w|, random",
+            "choices": ["gallop", "gradient", "magnitude", "product", "random"],
+        },
+    )
+    budget: str = field(
+        default="global",
+        metadata={"help": "one top-k over the model (global) or per tensor", "choices": ["global", "per_tensor"]},
+    )
+    eps: float = field(default=1e-8, metadata={"help": "the gallop score's stabilizer"})
+    target_modules: str | None = field(
+        default=None,
+        metadata={"help": "regex over module names, or a comma list of suffixes (default: every Linear but the head)"},
+    )
+    calib_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "d_s: the random fraction of the training examples whose mean per-example gradient scores "
+            "the weights"
+        },
+    )
+    calib_reduction: str = field(
+        default="example",
+        metadata={
+            "help": "example: mean of per-example gradients (the paper); batch: mean of batch losses' gradients",
+            "choices": ["example", "batch"],
+        },
+    )
+    accumulate: str = field(
+        default="fp32", metadata={"help": "calibration accumulators", "choices": ["fp32", "bf16", "cpu"]}
+    )
+    save_deltas: bool = field(default=False, metadata={"help": "also store fp32 deltas in the adapter (to resume)"})
+    plot: bool = field(default=True, metadata={"help": "write loss.png (needs matplotlib: pip install gallop[demo])"})
+
+    def config(self, seed: int):
+        from gallop import GallopConfig
+
+        targets: Any = self.target_modules
+        if targets and "," in targets:
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        return GallopConfig(
+            density=self.density,
+            scorer=self.scorer,
+            budget=self.budget,
+            eps=self.eps,
+            target_modules=targets,
+            seed=seed,
+        )
+
+
+def training_defaults() -> dict[str, Any]:
+    """The TrainingArguments defaults of ``gallop finetune`` (the demo: 60 steps of 8 examples at lr 3e-5)."""
+    import torch
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    defaults = dict(
+        output_dir=None,
+        max_steps=60,
+        per_device_train_batch_size=8,
+        learning_rate=3e-5,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if "warmup_ratio" in names:  # transformers < 5
+        defaults["warmup_ratio"] = 0.1
     else:
-        rows = load_jsonl(args.task)
-        if len(rows) < 2:
-            raise ValueError(f"{args.task}: needs at least 2 examples (train and held-out test)")
-        n_test = max(1, len(rows) // 5)
-        test = [r for r in rows[-n_test:] if len(r.choices) > 1]  # accuracy needs choices
-        train = rows[:-n_test][: args.train_examples]
-    ood = {t: task_examples(t, "test", args.eval_examples) for t in args.ood_tasks if t != args.task}
+        defaults["warmup_steps"] = 0.1  # a float below 1 is a ratio of the total steps
+    return {k: v for k, v in defaults.items() if k in names}
+
+
+def check(model_args: ModelArguments, data: DataArguments, sel: SelectionArguments, training) -> None:
+    """Every check that needs no model: raises ValueError / FileNotFoundError naming the argument and the fix."""
+    from gallop.models import BUILTIN_MODELS, check_device, check_dtype
+
+    from .tasks import TASKS, available_examples
+
+    check_dtype(model_args.dtype)
+    check_device(model_args.resolved_device())
+    if model_args.model not in BUILTIN_MODELS and (
+        model_args.model.startswith((".", "/", "~")) or model_args.model.endswith(".gguf")
+    ):
+        if not Path(model_args.model).expanduser().exists():
+            raise FileNotFoundError(
+                f"--model {model_args.model!r} not found: pass 'smollm2', 'gemma3-270m', a local "
+                f"model folder, a .gguf file or a Hub id"
+            )
+    sel.config(training.seed)  # GallopConfig validates density, scorer, budget, eps, regexes
+    if not 0 < sel.calib_fraction <= 1:
+        raise ValueError(f"--calib_fraction (d_s) must be in (0, 1], got {sel.calib_fraction}")
+    for name in ("max_length", "train_examples", "eval_examples"):
+        v = getattr(data, name)
+        if v < 1:
+            raise ValueError(f"--{name} must be a positive int, got {v}")
+    if data.dataset is None:
+        if data.task not in TASKS:
+            raise ValueError(
+                f"--task must be a built-in task ({', '.join(TASKS)}), or pass --dataset; got {data.task!r}"
+            )
+        for split, n in (("train", data.train_examples), ("test", data.eval_examples)):
+            have = available_examples(data.task, split, n)
+            if n > have:
+                raise ValueError(
+                    f"--{'train' if split == 'train' else 'eval'}_examples {n} is more than task "
+                    f"{data.task!r} has ({have} {split} examples)"
+                )
+    elif not Path(data.dataset).exists() and data.dataset.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--dataset {data.dataset!r} does not exist")
+    for t in ood_task_names(data):
+        if t not in TASKS:
+            raise ValueError(f"--ood_tasks names an unknown task {t!r}; built-in tasks: {', '.join(TASKS)}")
+    if training.max_steps is None or training.max_steps < 1:
+        raise ValueError(f"--max_steps must be a positive int, got {training.max_steps}")
+    if training.max_grad_norm is not None and training.max_grad_norm < 0:
+        raise ValueError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {training.max_grad_norm}")
+    if training.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be >= 0, got {training.weight_decay}")
+    if training.learning_rate <= 0 or not math.isfinite(training.learning_rate):
+        raise ValueError(f"--learning_rate must be a positive number, got {training.learning_rate}")
+    out = Path(training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir {str(out)!r} exists and is a file; pass a folder path")
+
+
+def ood_task_names(data: DataArguments) -> list[str]:
+    from .tasks import TASKS
+
+    if data.ood_tasks == "none":
+        return []
+    names = list(TASKS) if data.ood_tasks == "all" else [t.strip() for t in data.ood_tasks.split(",") if t.strip()]
+    return [t for t in names if t != (data.task if data.dataset is None else None)]
+
+
+def load_data(data: DataArguments, tokenizer):
+    """(train examples, ID test examples, {OOD task: test examples})."""
+    from gallop.data import load_examples
+
+    from .tasks import task_examples
+
+    if data.dataset is None:
+        train = task_examples(data.task, "train", data.train_examples)
+        test = task_examples(data.task, "test", data.eval_examples)
+    else:
+        rows = load_examples(data.dataset, tokenizer, split=data.split, columns=data.columns())
+        if data.eval_split:
+            test = load_examples(data.dataset, tokenizer, split=data.eval_split, columns=data.columns())
+        else:
+            if len(rows) < 2:
+                raise ValueError(
+                    f"{data.dataset}: needs at least 2 records (a held-out fifth is the test set), or pass --eval_split"
+                )
+            n_test = max(1, len(rows) // 5)
+            rows, test = rows[:-n_test], rows[-n_test:]
+        train = rows[: data.train_examples]
+        test = test[: data.eval_examples]
+    ood = {t: task_examples(t, "test", data.eval_examples) for t in ood_task_names(data)}
     return train, test, ood
 
 
-def _evaluate(model, tok, test, ood, progress: bool, label: str) -> dict:
+def evaluate_all(model, tokenizer, test, ood, progress: bool, label: str) -> dict:
+    """Accuracy on the ID examples that have choices (else its loss-free exact-match stays absent), and OOD."""
+    from .evaluate import accuracy
+
+    scored = [e for e in test if len(e.choices) > 1]
     res = {
-        "id": accuracy(model, tok, test, progress=progress, desc=f"{label} ID") if test else float("nan"),
-        "ood": {t: accuracy(model, tok, ex, progress=progress, desc=f"{label} OOD {t}") for t, ex in ood.items()},
+        "id": accuracy(model, tokenizer, scored, progress=progress, desc=f"{label} ID") if scored else None,
+        "ood": {t: accuracy(model, tokenizer, ex, progress=progress, desc=f"{label} OOD {t}") for t, ex in ood.items()},
     }
-    res["ood_mean"] = sum(res["ood"].values()) / len(res["ood"]) if res["ood"] else float("nan")
+    res["ood_mean"] = sum(res["ood"].values()) / len(res["ood"]) if res["ood"] else None
     return res
 
 
-def _lr_lambda(steps: int, warmup: float):
-    n_warm = int(warmup * steps)
+def plot_loss(history: list[dict], path: Path, title: str) -> bool:
+    """loss.png from the Trainer's log history; False (and a log line) without matplotlib."""
+    try:
+        import matplotlib
 
-    def f(step: int) -> float:
-        if step < n_warm:
-            return (step + 1) / n_warm
-        return max(0.0, (steps - step) / max(1, steps - n_warm))
-
-    return f
-
-
-def _plot_loss(losses: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install gallop[demo]): no loss.png")
+        return False
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if not points:
+        return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.4, label="loss")
-    w = max(1, len(losses) // 10)
-    smooth = [
-        sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))
-    ]
-    ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of last {w}")
+    ax.plot([p[0] for p in points], [p[1] for p in points], lw=2, marker="o", ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (answer tokens)")
     ax.set_title(title, fontsize=9)
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
-def finetune(args: FinetuneArgs, model=None, tokenizer=None) -> dict:
-    """Run the whole GaLLoP job; returns the metrics (also written to ``output_dir/metrics.json``)."""
-    from ..models import load_model
+def finetune(
+    model_args: ModelArguments, data: DataArguments, sel: SelectionArguments, training, model=None, tokenizer=None
+) -> dict:
+    """Run the whole job; returns the metrics (also written to ``<output_dir>/metrics.json``)."""
+    import torch
 
-    args.validate()
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    timings = {}
+    from gallop import SparseModel, mean_gradients, select
+    from gallop.adapters import atomic_write_text
+    from gallop.calibrate import calibration_subset
+    from gallop.data import Collator
+    from gallop.models import load_model
+    from gallop.trainer import GallopTrainer
+
+    from .evaluate import collapse_rate, forget_ratio
+    from .tasks import batches
+
+    check(model_args, data, sel, training)
+    progress = not training.disable_tqdm
+    timings: dict[str, float] = {}
+    torch.manual_seed(training.seed)
     t0 = time.perf_counter()
     if model is None:
-        model, tokenizer = load_model(args.model, device=device)
+        model, tokenizer = load_model(
+            model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+        )
     timings["load_s"] = time.perf_counter() - t0
-    train, test, ood = _data(args)
+    train, test, ood = load_data(data, tokenizer)
 
     t0 = time.perf_counter()
-    vanilla = _evaluate(model, tokenizer, test, ood, args.progress, "vanilla")
+    vanilla = evaluate_all(model, tokenizer, test, ood, progress, "vanilla")
     timings["eval_vanilla_s"] = time.perf_counter() - t0
 
-    config = GallopConfig(density=args.density, scorer=args.scorer, budget=args.budget, seed=args.seed)
+    config = sel.config(training.seed)
     t0 = time.perf_counter()
     grads = None
     if config.uses_gradients:
+        calib = [train[i] for i in calibration_subset(len(train), sel.calib_fraction, training.seed)]
         grads = mean_gradients(
-            model, batches(tokenizer, train[: args.calib_examples], args.batch_size), config, progress=args.progress
+            model,
+            batches(tokenizer, calib, training.per_device_train_batch_size, max_length=data.max_length),
+            config,
+            progress=progress,
+            reduction=sel.calib_reduction,
+            accumulate=sel.accumulate,
         )
     timings["calibration_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     selection = select(model, grads, config)
     del grads
     timings["selection_s"] = time.perf_counter() - t0
+    logger.info("%s; %.4f%% of all parameters", selection, 100 * selection.density_of_all(model))
 
+    out = Path(training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     sparse = SparseModel(model, selection)
-    opt = SparseAdamW(sparse, lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(args.steps, args.warmup))
-    epochs = math.ceil(args.steps * args.batch_size / len(train)) + 1
-    stream = batches(tokenizer, train, args.batch_size, epochs=epochs, seed=args.seed)
-    losses = []
-    tokens = 0
-    model.train()
+    trainer = GallopTrainer(
+        sparse_model=sparse, args=training, train_dataset=train, data_collator=Collator(tokenizer, data.max_length)
+    )
     t0 = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="sparse fine-tuning", disable=not args.progress, unit="step")
-    for step in bar:
-        batch = {k: v.to(device) for k, v in next(stream).items()}
-        tokens += int(batch["attention_mask"].sum())
-        loss = sparse(**batch).loss
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ValueError(
-                f"the training loss is {value} at step {step + 1}: lower --lr (now {args.lr}) or check the data"
-            )
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.4f}")
-    model.eval()
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     timings["train_s"] = time.perf_counter() - t0
+    tokens = sum(len(tokenizer(e.prompt + e.sep + e.answer)["input_ids"]) for e in train)
+    epochs = (
+        training.max_steps * training.per_device_train_batch_size * training.gradient_accumulation_steps / len(train)
+    )
 
     t0 = time.perf_counter()
-    tuned = _evaluate(model, tokenizer, test, ood, args.progress, "fine-tuned")
+    tuned = evaluate_all(model, tokenizer, test, ood, progress, "fine-tuned")
     timings["eval_tuned_s"] = time.perf_counter() - t0
-    sparse.save_pretrained(out / "adapter", save_deltas=args.save_deltas)
-    _plot_loss(losses, out / "loss.png", f"GaLLoP {args.scorer} {100 * args.density:g}% on {args.task}")
-
     metrics = {
-        "args": asdict(args),
+        "model": model_args.model,
+        "train": data.dataset or data.task,
         "num_selected": sparse.num_selected,
         "num_eligible": selection.num_eligible,
+        "density_eligible": selection.density,
+        "density_all": selection.density_of_all(model),
         "vanilla": vanilla,
         "finetuned": tuned,
-        "id_gain": tuned["id"] - vanilla["id"],
-        "forget_ratio": forget_ratio(vanilla["ood_mean"], tuned["ood_mean"]),
-        "collapsed_ood_tasks": collapsed_tasks(tuned["ood"]),
-        "losses": losses,
+        "id_gain": None if tuned["id"] is None else tuned["id"] - vanilla["id"],
+        "forget_ratio": None if not ood else forget_ratio(vanilla["ood_mean"], tuned["ood_mean"]),
+        "collapse_rate": None if not ood else collapse_rate(tuned["ood"]),
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "timings_s": timings,
-        "train_tokens_per_s": tokens / max(1e-9, timings["train_s"]),
+        "train_tokens_per_s": tokens * epochs / max(1e-9, timings["train_s"]),
+        "args": {
+            "model": dataclasses.asdict(model_args),
+            "data": dataclasses.asdict(data),
+            "selection": dataclasses.asdict(sel),
+        },
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    sparse.save_pretrained(
+        out / "adapter",
+        save_deltas=sel.save_deltas,
+        metrics={
+            k: v
+            for k, v in (
+                ("id_acc", tuned["id"]),
+                ("ood_acc", tuned["ood_mean"]),
+                ("forget_ratio", metrics["forget_ratio"]),
+            )
+            if v is not None
+        },
+    )
+    if sel.plot:
+        metrics["loss_png"] = plot_loss(
+            trainer.state.log_history,
+            out / "loss.png",
+            f"GaLLoP {sel.scorer} {100 * sel.density:g}% on {metrics['train']}",
+        )
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     return metrics
+
+
+def default_output_dir(data: DataArguments) -> str:
+    name = data.task if data.dataset is None else Path(data.dataset).stem or "dataset"
+    return os.path.join("runs", f"finetune-{name}")

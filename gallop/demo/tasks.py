@@ -1,35 +1,29 @@
-"""A small built-in suite of generated, deterministic multiple-choice tasks, and their tokenization.
+"""The built-in tasks: generated, deterministic multiple-choice tasks, and JSONL loading.
+
+Two kinds, so that both learning and forgetting can show (``SKILLS``, ``KNOWLEDGE``; docs/experiments.md lists
+each task's vanilla accuracy):
+
+* **skills** a 135M model cannot do yet and can learn from a few hundred examples: ``parity``, ``compare``,
+  ``next_letter``, ``addition``, ``sentiment``, ``last_letter``, ``alphabetical``;
+* **knowledge** it already has, to measure forgetting on: ``capitals``, ``antonyms``, ``plurals``, ``sizes``,
+  ``colors``, ``sounds``.
 
 Each task generates its examples from fixed seeds; an example belongs to the ``test`` split when the CRC32 of its
-prompt is divisible by 5, else to ``train``, so the splits are disjoint and identical on every machine.
-Training uses the answer tokens only (the prompt is masked out of the labels); evaluation picks the choice with
-the highest log-likelihood (``gallop.demo.evaluate``).
+prompt is divisible by 5, else to ``train``, so the splits are disjoint and identical on every machine. Training
+uses the answer tokens only; evaluation picks the choice with the highest log-likelihood, or (generative) greedy
+decoding and exact match (``gallop.demo.evaluate``).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import string
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class Example:
-    """A multiple-choice example: the prompt, its choices and the index of the right one."""
-
-    prompt: str
-    choices: tuple[str, ...]
-    label: int
-
-    @property
-    def answer(self) -> str:
-        return self.choices[self.label]
+from ..data import Example, collate, load_examples
 
 
 def _fmt(question: str) -> str:
@@ -42,6 +36,16 @@ def _shuffled(rng: random.Random, right: str, wrong: Sequence[str]) -> tuple[tup
     return tuple(choices), choices.index(right)
 
 
+def _pick(rng: random.Random, table: Sequence[tuple[str, str]], questions: Sequence[str], n_wrong: int = 3) -> Example:
+    """A question (one of several phrasings) about one (key, answer) pair of ``table``; the wrong choices are other
+    rows' answers."""
+    key, right = rng.choice(table)
+    others = sorted({a for _, a in table if a != right})
+    choices, label = _shuffled(rng, right, rng.sample(others, min(n_wrong, len(others))))
+    return Example(_fmt(rng.choice(questions).format(key)), choices, label)
+
+
+# ------------------------------------------------------------------------------------------------ skills
 def _parity(rng: random.Random) -> Example:
     n = rng.randrange(10, 1000)
     return Example(_fmt(f"Is {n} an even or an odd number?"), ("even", "odd"), n % 2)
@@ -113,110 +117,336 @@ def _sentiment(rng: random.Random) -> Example:
     )
 
 
-_GENERATORS: dict[str, Callable[[random.Random], Example]] = {
+_WORDS = (
+    "apple",
+    "river",
+    "garden",
+    "pencil",
+    "window",
+    "silver",
+    "forest",
+    "bottle",
+    "candle",
+    "rocket",
+    "planet",
+    "guitar",
+    "basket",
+    "mirror",
+    "ladder",
+    "pocket",
+    "island",
+    "hammer",
+    "jacket",
+    "butter",
+    "carpet",
+    "tunnel",
+    "dragon",
+    "violin",
+    "orange",
+    "summer",
+    "winter",
+    "spring",
+    "autumn",
+    "market",
+    "bridge",
+    "castle",
+    "circle",
+    "engine",
+    "flower",
+    "helmet",
+    "kitten",
+    "lemon",
+    "magnet",
+    "needle",
+    "parrot",
+    "rabbit",
+    "saddle",
+    "tomato",
+)
+
+
+def _last_letter(rng: random.Random) -> Example:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randrange(4, 8)))
+    right = word[-1]
+    wrong = rng.sample([c for c in string.ascii_lowercase if c != right], 3)
+    choices, label = _shuffled(rng, right, wrong)
+    return Example(_fmt(f"What is the last letter of the word '{word}'?"), choices, label)
+
+
+def _alphabetical(rng: random.Random) -> Example:
+    a, b = rng.sample(_WORDS, 2)
+    return Example(_fmt(f"Which word comes first in alphabetical order, '{a}' or '{b}'?"), (a, b), int(b < a))
+
+
+# ------------------------------------------------------------------------------------------------ knowledge
+_CAPITALS = (
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("England", "London"),
+    ("Russia", "Moscow"),
+    ("China", "Beijing"),
+    ("Egypt", "Cairo"),
+    ("Greece", "Athens"),
+    ("Portugal", "Lisbon"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Poland", "Warsaw"),
+    ("Canada", "Ottawa"),
+    ("Thailand", "Bangkok"),
+    ("Kenya", "Nairobi"),
+    ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"),
+    ("Turkey", "Ankara"),
+    ("Belgium", "Brussels"),
+    ("Denmark", "Copenhagen"),
+    ("Finland", "Helsinki"),
+    ("Hungary", "Budapest"),
+    ("Cuba", "Havana"),
+    ("Mexico", "Mexico City"),
+    ("India", "New Delhi"),
+    ("South Korea", "Seoul"),
+    ("the Netherlands", "Amsterdam"),
+    ("Czech Republic", "Prague"),
+)
+_ANTONYMS = (
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("high", "low"),
+    ("old", "young"),
+    ("rich", "poor"),
+    ("strong", "weak"),
+    ("early", "late"),
+    ("hard", "soft"),
+    ("wet", "dry"),
+    ("full", "empty"),
+    ("open", "closed"),
+    ("long", "short"),
+    ("heavy", "light"),
+    ("thick", "thin"),
+    ("clean", "dirty"),
+    ("loud", "quiet"),
+    ("true", "false"),
+    ("win", "lose"),
+    ("buy", "sell"),
+    ("push", "pull"),
+    ("first", "last"),
+    ("love", "hate"),
+    ("up", "down"),
+    ("inside", "outside"),
+    ("day", "night"),
+    ("good", "bad"),
+    ("begin", "end"),
+)
+_PLURALS = (
+    ("child", "children"),
+    ("mouse", "mice"),
+    ("foot", "feet"),
+    ("tooth", "teeth"),
+    ("man", "men"),
+    ("woman", "women"),
+    ("goose", "geese"),
+    ("person", "people"),
+    ("city", "cities"),
+    ("box", "boxes"),
+    ("leaf", "leaves"),
+    ("knife", "knives"),
+    ("baby", "babies"),
+    ("bus", "buses"),
+    ("wolf", "wolves"),
+    ("story", "stories"),
+    ("church", "churches"),
+    ("potato", "potatoes"),
+    ("life", "lives"),
+    ("dish", "dishes"),
+    ("fox", "foxes"),
+    ("party", "parties"),
+    ("half", "halves"),
+    ("hero", "heroes"),
+)
+_SIZES = ("ant", "mouse", "cat", "dog", "horse", "elephant", "whale")
+_SIZE_OBJECTS = (("a coin", 1), ("a book", 2), ("a chair", 3), ("a car", 4), ("a house", 5), ("a mountain", 6))
+_COLORS = (
+    ("the sky on a clear day", "blue"),
+    ("grass", "green"),
+    ("snow", "white"),
+    ("a banana", "yellow"),
+    ("a ripe tomato", "red"),
+    ("coal", "black"),
+    ("an orange", "orange"),
+    ("a lemon", "yellow"),
+    ("milk", "white"),
+    ("a strawberry", "red"),
+    ("a leaf in summer", "green"),
+    ("the night sky", "black"),
+    ("a carrot", "orange"),
+    ("the sea", "blue"),
+    ("a crow", "black"),
+    ("a polar bear", "white"),
+)
+_SOUNDS = (
+    ("dog", "bark"),
+    ("cat", "meow"),
+    ("cow", "moo"),
+    ("duck", "quack"),
+    ("lion", "roar"),
+    ("sheep", "baa"),
+    ("snake", "hiss"),
+    ("pig", "oink"),
+    ("horse", "neigh"),
+    ("owl", "hoot"),
+    ("bee", "buzz"),
+    ("frog", "croak"),
+    ("rooster", "crow"),
+    ("mouse", "squeak"),
+)
+
+
+def _capitals(rng: random.Random) -> Example:
+    return _pick(
+        rng,
+        _CAPITALS,
+        ("What is the capital of {}?", "Which city is the capital of {}?", "Name the capital city of {}."),
+    )
+
+
+def _antonyms(rng: random.Random) -> Example:
+    return _pick(
+        rng,
+        _ANTONYMS,
+        ("What is the opposite of '{}'?", "Give the antonym of '{}'.", "Which word means the opposite of '{}'?"),
+    )
+
+
+def _plurals(rng: random.Random) -> Example:
+    word, right = rng.choice(_PLURALS)
+    wrong = sorted({word + "s", word + "es", word + "en"} - {right})
+    choices, label = _shuffled(rng, right, rng.sample(wrong, 2))
+    question = rng.choice(
+        ("What is the plural of '{}'?", "What do you call more than one '{}'?", "Give the plural form of '{}'.")
+    )
+    return Example(_fmt(question.format(word)), choices, label)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _sizes(rng: random.Random) -> Example:
+    if rng.random() < 0.5:
+        i, j = sorted(rng.sample(range(len(_SIZES)), 2))
+        a, b = (_SIZES[i], _SIZES[j]) if rng.random() < 0.5 else (_SIZES[j], _SIZES[i])
+        bigger = _SIZES[j]
+        q = f"Which animal is bigger, {_article(a)} {a} or {_article(b)} {b}?"
+    else:
+        (a, sa), (b, sb) = rng.sample(_SIZE_OBJECTS, 2)
+        bigger = a if sa > sb else b
+        q = f"Which is bigger, {a} or {b}?"
+        a, b = a.split()[-1], b.split()[-1]
+        bigger = bigger.split()[-1]
+    return Example(_fmt(q), (a, b), int(bigger == b))
+
+
+def _colors(rng: random.Random) -> Example:
+    return _pick(rng, _COLORS, ("What color is {}?", "What is the color of {}?", "Which color is {}?"))
+
+
+def _sounds(rng: random.Random) -> Example:
+    return _pick(
+        rng, _SOUNDS, ("What sound does a {} make?", "What noise does a {} make?", "Which sound is made by a {}?")
+    )
+
+
+SKILLS: dict[str, Callable[[random.Random], Example]] = {
     "parity": _parity,
     "compare": _compare,
     "next_letter": _next_letter,
     "addition": _addition,
     "sentiment": _sentiment,
+    "last_letter": _last_letter,
+    "alphabetical": _alphabetical,
 }
+KNOWLEDGE: dict[str, Callable[[random.Random], Example]] = {
+    "capitals": _capitals,
+    "antonyms": _antonyms,
+    "plurals": _plurals,
+    "sizes": _sizes,
+    "colors": _colors,
+    "sounds": _sounds,
+}
+_GENERATORS = {**SKILLS, **KNOWLEDGE}
 TASKS = tuple(_GENERATORS)
 
 
-def _is_test(ex: Example) -> bool:
-    return zlib.crc32(ex.prompt.encode()) % 5 == 0
+def _in_split(name: str, ex: Example, split: str) -> bool:
+    """Skills split by CRC32 of the prompt (1 in 5 is test); knowledge tasks are probes, never trained on in the
+    experiments: both of their splits hold every example."""
+    return name in KNOWLEDGE or (zlib.crc32(ex.prompt.encode()) % 5 == 0) == (split == "test")
+
+
+def available_examples(name: str, split: str = "train", wanted: int = 10**4) -> int:
+    """How many of ``wanted`` examples ``task_examples`` can return: a skill's distinct examples in ``split`` (counted
+    up to ``wanted``); ``wanted`` for a knowledge task (its examples repeat)."""
+    if name in KNOWLEDGE:
+        return wanted
+    if name not in SKILLS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return len(_distinct(name, split, wanted))
+
+
+def _distinct(name: str, split: str, limit: int | None = None) -> list[Example]:
+    rng = random.Random(zlib.crc32(f"gallop/{name}".encode()))
+    seen: set[str] = set()
+    out: list[Example] = []
+    misses = 0
+    while (limit is None or len(out) < limit) and misses < 2000:
+        ex = _GENERATORS[name](rng)
+        if ex.prompt in seen or not _in_split(name, ex, split):
+            misses += ex.prompt in seen
+            continue
+        seen.add(ex.prompt)
+        out.append(ex)
+        misses = 0
+    return out
 
 
 def task_examples(name: str, split: str = "train", n: int = 64) -> list[Example]:
-    """``n`` distinct examples of a built-in task from one split (``train`` or ``test``), deterministic."""
+    """``n`` distinct examples of a built-in task from one split (``train`` or ``test``), deterministic. A
+    knowledge task has fewer distinct examples than most requests: its examples repeat (in order) to fill ``n``."""
     if name not in _GENERATORS:
         raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    rng = random.Random(zlib.crc32(f"gallop/{name}".encode()))
-    want_test = split == "test"
-    seen: set[str] = set()
-    out: list[Example] = []
-    for _ in range(200 * n + 10_000):
-        ex = _GENERATORS[name](rng)
-        if ex.prompt in seen or _is_test(ex) != want_test:
-            continue
-        seen.add(ex.prompt)
-        out.append(ex)
-        if len(out) == n:
-            return out
-    raise ValueError(f"task {name!r} has only {len(out)} distinct {split} examples; ask for n <= {len(out)}")
-
-
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Examples from a JSONL file: ``{"prompt", "answer"}`` or ``{"prompt", "choices", "label"}`` per line.
-
-    A ``{"prompt", "answer"}`` line becomes a one-choice example (trainable; accuracy is not meaningful).
-    """
-    out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{lineno}: each line needs a string 'prompt'")
-            if "choices" in row:
-                choices, label = row["choices"], row.get("label")
-                if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
-                    raise ValueError(f"{path}:{lineno}: 'choices' must be a non-empty list of strings")
-                if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-                    raise ValueError(f"{path}:{lineno}: 'label' must be an int index into 'choices'")
-                out.append(Example(row["prompt"], tuple(choices), label))
-            elif isinstance(row.get("answer"), str):
-                out.append(Example(row["prompt"], (row["answer"],), 0))
-            else:
-                raise ValueError(f"{path}:{lineno}: needs 'answer' (a string) or 'choices' and 'label'")
+    out = _distinct(name, split, n)
     if not out:
-        raise ValueError(f"{path}: no examples")
-    return out
+        raise ValueError(f"task {name!r} has no {split} examples")
+    if name in SKILLS and len(out) < n:
+        raise ValueError(f"task {name!r} has only {len(out)} distinct {split} examples; ask for n <= {len(out)}")
+    return [out[i % len(out)] for i in range(n)] if len(out) < n else out
 
 
-def encode(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
-    """Token ids of ``prompt + " " + continuation`` and how many of them belong to the prompt."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = tokenizer(prompt + " " + continuation, add_special_tokens=False)["input_ids"]
-    n_prompt = len(p) if full[: len(p)] == p else len(p) - 1  # a merge across the boundary moves one token
-    return full, max(0, min(n_prompt, len(full) - 1))
-
-
-def pad_id(tokenizer) -> int:
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pid is None else int(pid)
-
-
-def collate(tokenizer, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-    """A right-padded training batch: ``input_ids``, ``attention_mask`` and ``labels`` (answer tokens only)."""
-    rows = []
-    for ex in examples:
-        ids, n_prompt = encode(tokenizer, ex.prompt, ex.answer)
-        eos = tokenizer.eos_token_id
-        if eos is not None:
-            ids = ids + [int(eos)]
-        rows.append((ids, n_prompt))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for r, (ids, n_prompt) in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention[r, : len(ids)] = 1
-        labels[r, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+def load_jsonl(path) -> list[Example]:
+    """Examples from a JSONL file in any format ``gallop.data`` reads (without a chat template)."""
+    return load_examples(str(path))
 
 
 def batches(
-    tokenizer, examples: Sequence[Example], batch_size: int, *, epochs: int = 1, seed: int = 0
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    seed: int = 0,
+    max_length: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Training batches over ``examples``, reshuffled (deterministically from ``seed``) every epoch."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -226,4 +456,4 @@ def batches(
         order = list(range(len(examples)))
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
-            yield collate(tokenizer, [examples[j] for j in order[i : i + batch_size]])
+            yield collate(tokenizer, [examples[j] for j in order[i : i + batch_size]], max_length)

@@ -21,8 +21,11 @@ def _tensors(version: int) -> list[AdapterTensor]:
     out = []
     for i, n in enumerate((300, 17, 1000)):
         idx = torch.sort(torch.randperm(5000, generator=gen)[:n]).values
-        out.append(AdapterTensor(f"layer.{i}.weight", (50, 100), torch.bfloat16, idx,
-                                 torch.randn(n, generator=gen).to(torch.bfloat16)))
+        out.append(
+            AdapterTensor(
+                f"layer.{i}.weight", (50, 100), torch.bfloat16, idx, torch.randn(n, generator=gen).to(torch.bfloat16)
+            )
+        )
     return out
 
 
@@ -40,8 +43,14 @@ def _loaded_version(directory) -> int:
 
 
 # the calls a save makes that touch the file system: a kill right before any of them is a step boundary
-_STEPS = [(os, "replace"), (os, "fsync"), (os, "chmod"), (os, "close"), (adapters, "save_file"),
-          (adapters.tempfile, "mkstemp")]
+_STEPS = [
+    (os, "replace"),
+    (os, "fsync"),
+    (os, "chmod"),
+    (os, "close"),
+    (adapters, "save_file"),
+    (adapters.tempfile, "mkstemp"),
+]
 
 
 def _fork(fn) -> int:
@@ -118,6 +127,7 @@ def test_concurrent_writers_are_serialized_and_readers_never_see_a_mix(tmp_path)
         def run():
             for _ in range(15):
                 _save(folder, version)
+
         return run
 
     alive = {_fork(writer(2)), _fork(writer(3))}

@@ -26,8 +26,12 @@ def _model_state(model):
 
 def _same_state(a, b) -> bool:
     (pa, fa, ba), (pb, fb, bb) = a, b
-    return (pa.keys() == pb.keys() and all(torch.equal(pa[n][0], pb[n][0]) and pa[n][1:] == pb[n][1:] for n in pa)
-            and fa == fb and ba == bb)
+    return (
+        pa.keys() == pb.keys()
+        and all(torch.equal(pa[n][0], pb[n][0]) and pa[n][1:] == pb[n][1:] for n in pa)
+        and fa == fb
+        and ba == bb
+    )
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -36,13 +40,16 @@ def test_config_accepts_numpy_and_tensor_scalars():
     assert isinstance(cfg.density, float) and cfg.density == pytest.approx(0.25) and cfg.seed == 3
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"target_modules": "q_proj("}, ValueError, "not a valid regular expression"),
-    ({"density": "0.1"}, ValueError, "density must be a finite real number"),
-    ({"seed": 1.5}, TypeError, "seed must be an int"),
-    ({"num_selected": 0}, ValueError, "num_selected must be >= 1"),
-    ({"num_selected": 5, "budget": "per_tensor"}, ValueError, "num_selected fixes the global budget"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"target_modules": "q_proj("}, ValueError, "not a valid regular expression"),
+        ({"density": "0.1"}, ValueError, "density must be a finite real number"),
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+        ({"num_selected": 0}, ValueError, "num_selected must be >= 1"),
+        ({"num_selected": 5, "budget": "per_tensor"}, ValueError, "num_selected fixes the global budget"),
+    ],
+)
 def test_config_errors_name_the_field(kwargs, error, match):
     with pytest.raises(error, match=match):
         GallopConfig(**kwargs)
@@ -75,8 +82,15 @@ def test_an_unloaded_wrapper_refuses_every_use(tmp_path):
     opt = SparseAdamW(sparse, lr=1e-2)
     plain = sparse.merge_and_unload()
     weights = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    for call in (lambda: sparse(**random_batches(1)[0]), sparse.merge, sparse.unmerge, sparse.merge_and_unload,
-                 lambda: sparse.save_pretrained(tmp_path / "a"), sparse.write_back, sparse.export_state):
+    for call in (
+        lambda: sparse(**random_batches(1)[0]),
+        sparse.merge,
+        sparse.unmerge,
+        sparse.merge_and_unload,
+        lambda: sparse.save_pretrained(tmp_path / "a"),
+        sparse.write_back,
+        sparse.export_state,
+    ):
         with pytest.raises(RuntimeError, match="unloaded"):
             call()
     for p in sparse.parameters():
@@ -127,6 +141,7 @@ def _drop(key):
     def mutate(config, data):
         del config[key]
         return config, data
+
     return mutate
 
 
@@ -141,14 +156,17 @@ def _bad_dtype(config, data):
     return config, data
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (_drop("base_fingerprint"), "lacks the key 'base_fingerprint'"),
-    (_drop("tensors"), "lacks the key 'tensors'"),
-    (lambda c, d: ([c], d), "must be a JSON object, got a list"),
-    (_short_values, "should have .* entries but its tensors disagree"),
-    (_bad_dtype, "unsupported dtype 'int8'"),
-    (lambda c, d: ({**c, "format_version": 99}, d), "format version 99 is not supported"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (_drop("base_fingerprint"), "lacks the key 'base_fingerprint'"),
+        (_drop("tensors"), "lacks the key 'tensors'"),
+        (lambda c, d: ([c], d), "must be a JSON object, got a list"),
+        (_short_values, "should have .* entries but its tensors disagree"),
+        (_bad_dtype, "unsupported dtype 'int8'"),
+        (lambda c, d: ({**c, "format_version": 99}, d), "format version 99 is not supported"),
+    ],
+)
 def test_damaged_adapters_fail_before_the_model_is_touched(tmp_path, mutate, match):
     path = _saved(tmp_path)
     _rewrite(path, mutate)

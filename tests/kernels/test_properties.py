@@ -13,8 +13,9 @@ from gallop.adapters import decode_gaps, encode_gaps
 from .oracle import brute_force_topk
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _both(monkeypatch, fn):
@@ -38,9 +39,14 @@ def _tensor(shape, kind, dtype, gen):
 
 
 @SETTINGS
-@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4), dtype=st.sampled_from(DTYPES),
-       kind=st.sampled_from(["normal", "ties", "zeros", "wide"]), scorer=st.sampled_from(list(gk.SCORERS)),
-       k_at=st.sampled_from(["one", "all", "middle"]), seed=st.integers(0, 2**16))
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["normal", "ties", "zeros", "wide"]),
+    scorer=st.sampled_from(list(gk.SCORERS)),
+    k_at=st.sampled_from(["one", "all", "middle"]),
+    seed=st.integers(0, 2**16),
+)
 def test_select_topk_equals_the_oracle_on_both_backends(monkeypatch, sizes, dtype, kind, scorer, k_at, seed):
     total = sum(sizes)
     if total == 0:
@@ -64,8 +70,9 @@ def test_select_topk_equals_the_oracle_on_both_backends(monkeypatch, sizes, dtyp
 def test_sparse_adamw_backends_agree(monkeypatch, n, steps, wd, seed):
     gen = torch.Generator().manual_seed(seed)
     init = torch.randn(n, generator=gen)
-    grads = [torch.randn(n, generator=gen) * 10.0 ** float(torch.randint(-3, 3, (1,), generator=gen)) for _ in
-             range(steps)]
+    grads = [
+        torch.randn(n, generator=gen) * 10.0 ** float(torch.randint(-3, 3, (1,), generator=gen)) for _ in range(steps)
+    ]
 
     def run():
         p, m, v = init.clone(), torch.zeros(n), torch.zeros(n)
@@ -81,8 +88,13 @@ def test_sparse_adamw_backends_agree(monkeypatch, n, steps, wd, seed):
 
 
 @SETTINGS
-@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), dtype=st.sampled_from(DTYPES),
-       frac=st.floats(0.0, 1.0), with_base=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    frac=st.floats(0.0, 1.0),
+    with_base=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_gather_and_scatter_are_exact_on_both_backends(monkeypatch, shape, dtype, frac, with_base, seed):
     gen = torch.Generator().manual_seed(seed)
     src = _tensor(tuple(shape), "wide", dtype, gen)
@@ -102,8 +114,13 @@ def test_gather_and_scatter_are_exact_on_both_backends(monkeypatch, shape, dtype
 
 
 @SETTINGS
-@given(tokens=st.integers(0, 12), m=st.integers(1, 9), n=st.integers(1, 9), dtype=st.sampled_from(DTYPES),
-       seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(0, 12),
+    m=st.integers(1, 9),
+    n=st.integers(1, 9),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
 def test_weight_grad_at_matches_the_dense_gradient(tokens, m, n, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     dy = torch.randn(tokens, m, generator=gen).to(dtype)

@@ -1,0 +1,556 @@
+"""``gallop experiment`` and ``gallop report``: the paper's protocol on a real model, every baseline at equal budget.
+
+For each seed, training task and method, fine-tune the pretrained model on that task (in distribution) and evaluate
+it on that task and on every other listed task (out of distribution), then compute the paper's metrics against the
+vanilla model: forget ratio ``max(0, (acc_ood_vanilla - acc_ood) / acc_ood_vanilla)`` and collapse rate (the
+fraction of OOD sets whose floored accuracy in percent is 0).
+
+Methods: the five GaLLoP scorers (``gallop`` |g|/(|w|+eps), ``gradient`` |g| as in SAFT, ``magnitude`` as in PaFi,
+``product`` |g*w| SNIP-like, ``random``), ``lora`` and ``dora`` (peft, all linear layers), ``full`` (torch AdamW on
+every parameter). Budgets are LoRA ranks: each sparse method trains exactly as many entries as LoRA of that rank has
+parameters (``GallopConfig(num_selected=...)``), so the comparison is at equal trainable count. Every method uses
+the same data order, steps, schedule and clipping; only the learning rate differs by family.
+
+One JSON line per run goes to ``<out>/results.jsonl``; a rerun skips the runs already there, so an interrupted grid
+resumes where it stopped. ``gallop report <out>`` renders ``report.md`` and two plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SPARSE_METHODS = ("gallop", "gradient", "magnitude", "product", "random")
+METHODS = (*SPARSE_METHODS, "lora", "dora", "full")
+
+
+@dataclass
+class ExperimentArguments:
+    model: str = field(default="smollm2", metadata={"help": "'smollm2', 'gemma3-270m', a local folder or a Hub id"})
+    tasks: str = field(
+        default="parity,compare,next_letter,sentiment",
+        metadata={
+            "help": "comma list of training tasks (built-in names or JSONL files with choices); each is trained on in "
+            "turn and evaluated as ID, the others as OOD"
+        },
+    )
+    probe_tasks: str = field(
+        default="capitals,antonyms,plurals,sizes,colors,sounds",
+        metadata={
+            "help": "comma list of extra OOD tasks that are never trained on (knowledge the model has), or 'none'"
+        },
+    )
+    methods: str = field(default=",".join(METHODS), metadata={"help": f"comma list of {', '.join(METHODS)}"})
+    ranks: str = field(
+        default="2,8",
+        metadata={
+            "help": "LoRA ranks that set the budgets: every sparse method trains as many entries as LoRA of that rank"
+        },
+    )
+    seeds: str = field(default="0", metadata={"help": "comma list of seeds"})
+    out: str = field(default="runs/experiment", metadata={"help": "the results folder (results.jsonl, report.md)"})
+    quick: bool = field(default=False, metadata={"help": "two tasks, two methods, a few steps, tiny evaluation"})
+    steps: int = field(default=40, metadata={"help": "optimizer steps per run"})
+    batch_size: int = field(default=8, metadata={"help": "training batch size"})
+    train_examples: int = field(default=256, metadata={"help": "training examples per task"})
+    eval_examples: int = field(default=32, metadata={"help": "test examples per task"})
+    calib_fraction: float = field(default=0.25, metadata={"help": "d_s: fraction of the training set to calibrate on"})
+    lr_sparse: float = field(default=1e-4, metadata={"help": "learning rate of the sparse methods"})
+    lr_lora: float = field(default=1e-3, metadata={"help": "learning rate of LoRA and DoRA"})
+    lr_full: float = field(default=1e-5, metadata={"help": "learning rate of full fine-tuning"})
+    generative: bool = field(
+        default=False,
+        metadata={"help": "also score OOD sets by greedy generation (exact match), where collapse shows; slower"},
+    )
+    dtype: str = field(default="fp32", metadata={"help": "weights dtype", "choices": ["auto", "bf16", "fp16", "fp32"]})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, ..."})
+
+    def apply_quick(self) -> None:
+        if self.quick:
+            self.tasks = ",".join(self.task_list()[:2])
+            self.probe_tasks = "capitals"
+            self.methods = ",".join([m for m in self.method_list() if m in ("gallop", "lora")][:2] or ["gallop"])
+            self.ranks = self.ranks.split(",")[0]
+            self.steps, self.train_examples, self.eval_examples = 3, 16, 4
+            self.batch_size = min(self.batch_size, 4)
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def probe_list(self) -> list[str]:
+        return [] if self.probe_tasks in ("", "none") else [t.strip() for t in self.probe_tasks.split(",")]
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    def rank_list(self) -> list[int]:
+        return [int(r) for r in self.ranks.split(",") if r.strip()]
+
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self.seeds.split(",") if s.strip()]
+
+
+@dataclass
+class ReportArguments:
+    out: str = field(default="runs/experiment", metadata={"help": "the experiment folder holding results.jsonl"})
+
+
+# ------------------------------------------------------------------------------------------------ checks and data
+def check(args: ExperimentArguments) -> None:
+    """Every check that needs no model: unknown methods, tasks without choices, bad numbers."""
+    from gallop.models import check_device, check_dtype
+
+    from .tasks import TASKS, available_examples
+
+    unknown = [m for m in args.method_list() if m not in METHODS]
+    if unknown or not args.method_list():
+        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if not args.task_list():
+        raise ValueError("--tasks is empty: name at least one training task")
+    for t in args.task_list() + args.probe_list():
+        if t not in TASKS and not Path(t).is_file():
+            raise ValueError(f"task {t!r} is neither a built-in task ({', '.join(TASKS)}) nor a JSONL file")
+        if Path(t).is_file() and t not in TASKS:
+            from gallop.data import load_examples
+
+            if all(len(e.choices) < 2 for e in load_examples(t)):
+                raise ValueError(
+                    f"{t}: the task file has no multiple-choice records (choices + label), so accuracy "
+                    f"cannot be measured on it"
+                )
+        elif t in args.task_list() and available_examples(t, "train", args.train_examples) < args.train_examples:
+            raise ValueError(f"--train_examples {args.train_examples} is more than task {t!r} has")
+    if not args.rank_list() or any(r < 1 for r in args.rank_list()):
+        raise ValueError(f"--ranks must be positive ints, got {args.ranks!r}")
+    for name in ("steps", "batch_size", "train_examples", "eval_examples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive int")
+    if not 0 < args.calib_fraction <= 1:
+        raise ValueError(f"--calib_fraction must be in (0, 1], got {args.calib_fraction}")
+    for name in ("lr_sparse", "lr_lora", "lr_full"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be positive")
+    check_dtype(args.dtype)
+    check_device("cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device))
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file; pass a folder path")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _examples(task: str, split: str, n: int):
+    from gallop.data import load_examples
+
+    from .tasks import TASKS, task_examples
+
+    if task in TASKS:
+        return task_examples(task, split, n)
+    rows = load_examples(task)
+    cut = max(1, len(rows) // 5)
+    return (rows[:-cut] if split == "train" else [r for r in rows[-cut:] if len(r.choices) > 1])[:n]
+
+
+def _task_name(task: str) -> str:
+    return Path(task).stem if task.endswith(".jsonl") else task
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def lora_trainable(model, rank: int) -> int:
+    """LoRA's parameter count on every linear layer but the head: ``rank * (in + out)`` per layer."""
+    from gallop import eligible_parameters
+
+    return sum(rank * (p.shape[0] + p.shape[1]) for p in eligible_parameters(model).values())
+
+
+def _reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+        except OSError:
+            pass
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _schedule(step: int, steps: int) -> float:
+    warm = max(1, steps // 10)
+    return (step + 1) / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm))
+
+
+def _train(model, params, batches, lr: float, steps: int, optimizer=None) -> list[float]:
+    """The loop every method shares: AdamW (or the given optimizer), linear warmup and decay, clipping at 1."""
+    import torch
+
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps))
+    device = next(model.parameters()).device
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        loss = model(**batch).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the training loss became {value}: lower the learning rate")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in params], 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(value)
+    model.eval()
+    return losses
+
+
+def run_one(
+    base,
+    tokenizer,
+    args: ExperimentArguments,
+    method: str,
+    rank: int,
+    train_task: str,
+    seed: int,
+    evals: dict[str, list],
+) -> dict[str, Any]:
+    """Train a copy of ``base`` with ``method`` at the ``rank`` budget on ``train_task``; evaluate on ``evals``."""
+    import torch
+
+    from gallop import GallopConfig, SparseAdamW, SparseModel, mean_gradients, select
+    from gallop.calibrate import calibration_subset
+
+    from .evaluate import accuracy, exact_match
+    from .tasks import batches
+
+    torch.manual_seed(seed)
+    device = next(base.parameters()).device
+    _reset_peak_memory(device)
+    t0 = time.perf_counter()
+    model = copy.deepcopy(base)
+    train = _examples(train_task, "train", args.train_examples)
+    epochs = math.ceil(args.steps * args.batch_size / len(train)) + 1
+    stream = batches(tokenizer, train, args.batch_size, epochs=epochs, seed=seed)
+    budget = lora_trainable(model, rank)
+    density = None
+    if method in SPARSE_METHODS:
+        config = GallopConfig(scorer=method, num_selected=budget, seed=seed)
+        grads = None
+        if config.uses_gradients:
+            calib = [train[i] for i in calibration_subset(len(train), args.calib_fraction, seed)]
+            grads = mean_gradients(model, batches(tokenizer, calib, args.batch_size), config, progress=False)
+        selection = select(model, grads, config)
+        del grads
+        density = selection.density
+        sparse = SparseModel(model, selection)
+        trainable = sparse.num_selected
+        losses = _train(
+            sparse,
+            sparse.trainable_parameters(),
+            stream,
+            args.lr_sparse,
+            args.steps,
+            SparseAdamW(sparse, lr=args.lr_sparse),
+        )
+        run_model: Any = sparse
+    elif method in ("lora", "dora"):
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, use_dora=method == "dora"
+            ),
+        )
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        losses = _train(peft_model, params, stream, args.lr_lora, args.steps)
+        run_model = peft_model
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainable = sum(p.numel() for p in params)
+        losses = _train(model, params, stream, args.lr_full, args.steps)
+        run_model = model
+    train_s = time.perf_counter() - t0
+    acc = {t: accuracy(run_model, tokenizer, ex) for t, ex in evals.items()}
+    gen = {t: exact_match(run_model, tokenizer, ex) for t, ex in evals.items()} if args.generative else None
+    record = {
+        "method": method,
+        "rank": rank,
+        "budget": budget,
+        "trainable": trainable,
+        "density": density,
+        "train_task": _task_name(train_task),
+        "seed": seed,
+        "losses": losses,
+        "train_s": train_s,
+        "acc": acc,
+        "exact_match": gen,
+        "wall_s": time.perf_counter() - t0,
+        "peak_mem_mb": _peak_memory_mb(device),
+        "lr": {"lora": args.lr_lora, "dora": args.lr_lora, "full": args.lr_full}.get(method, args.lr_sparse),
+        "steps": args.steps,
+    }
+    del run_model, model
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def metrics(record: dict, vanilla: dict, train_task: str, eval_names: list[str]) -> dict:
+    """The paper's figures of one run against the vanilla model's accuracies."""
+    from .evaluate import collapse_rate, forget_ratio
+
+    ood_names = [t for t in eval_names if t != train_task]
+    ood = {t: record["acc"][t] for t in ood_names}
+    vanilla_ood = statistics.fmean(vanilla["acc"][t] for t in ood_names) if ood_names else None
+    ood_acc = statistics.fmean(ood.values()) if ood else None
+    out = {
+        "id_acc": record["acc"][train_task],
+        "ood_acc": ood_acc,
+        "ood": ood,
+        "vanilla_id_acc": vanilla["acc"][train_task],
+        "vanilla_ood_acc": vanilla_ood,
+        "forget_ratio": None if vanilla_ood is None else forget_ratio(vanilla_ood, ood_acc),
+        "collapse_rate": collapse_rate(ood) if ood else None,
+    }
+    if record.get("exact_match") is not None:
+        gen_ood = {t: record["exact_match"][t] for t in ood_names}
+        out["ood_exact_match"] = gen_ood
+        out["collapse_rate_generative"] = collapse_rate(gen_ood) if gen_ood else None
+    return out
+
+
+def _run_id(method: str, rank: int, task: str, seed: int) -> str:
+    return f"{method}|r{rank}|{_task_name(task)}|s{seed}"
+
+
+def _done(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    done = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by an interruption: that run is redone
+            continue
+        done.add(row["run_id"])
+    return done
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_experiment(args: ExperimentArguments) -> Path:
+    """Run (or resume) the grid; returns the results file."""
+    import torch
+
+    from gallop.models import load_model
+
+    from .evaluate import accuracy, exact_match
+
+    args.apply_quick()
+    check(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    out = Path(args.out)
+    results = out / "results.jsonl"
+    runs = [
+        (seed, task, method, rank)
+        for seed in args.seed_list()
+        for task in args.task_list()
+        for method in args.method_list()
+        for rank in ([0] if method == "full" else args.rank_list())
+    ]
+    done = _done(results)
+    todo = [r for r in runs if _run_id(r[2], r[3], r[1], r[0]) not in done]
+    logger.info("%d runs, %d already done, %d to go", len(runs), len(runs) - len(todo), len(todo))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    if not todo:
+        return results
+    t0 = time.perf_counter()
+    base, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    base.eval()
+    eval_tasks = [*args.task_list(), *[t for t in args.probe_list() if t not in args.task_list()]]
+    evals = {_task_name(t): _examples(t, "test", args.eval_examples) for t in eval_tasks}
+    vanilla_path = out / "vanilla.json"
+    vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else None
+    if vanilla is None or set(vanilla["acc"]) != set(evals):
+        vanilla = {
+            "acc": {t: accuracy(base, tokenizer, ex) for t, ex in evals.items()},
+            "exact_match": (
+                {t: exact_match(base, tokenizer, ex) for t, ex in evals.items()} if args.generative else None
+            ),
+        }
+        vanilla_path.write_text(json.dumps(vanilla, indent=1))
+    logger.info("model and vanilla evaluation: %.0f s", time.perf_counter() - t0)
+    for i, (seed, task, method, rank) in enumerate(todo):
+        record = run_one(base, tokenizer, args, method, rank, task, seed, evals)
+        row = {
+            "run_id": _run_id(method, rank, task, seed),
+            "model": args.model,
+            **record,
+            **metrics(record, vanilla, _task_name(task), list(evals)),
+        }
+        _append(results, row)
+        logger.info(
+            "[%d/%d] %s: ID %.1f%%, OOD %.1f%%, forget ratio %.3f, %.0f s",
+            i + 1,
+            len(todo),
+            row["run_id"],
+            100 * row["id_acc"],
+            100 * (row["ood_acc"] or 0),
+            row["forget_ratio"] or 0,
+            row["wall_s"],
+        )
+    write_report(out)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def load_results(out: str | Path) -> list[dict]:
+    path = Path(out) / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `gallop experiment --out {out}` first")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if not rows:
+        raise ValueError(f"{path} holds no finished runs yet")
+    return rows
+
+
+def write_report(out: str | Path) -> Path:
+    """``report.md`` (per-method means and standard deviations over seeds and tasks) and two PNG plots."""
+    rows = load_results(out)
+    out = Path(out)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["rank"])].append(r)
+    order = sorted(groups, key=lambda k: (k[1], METHODS.index(k[0]) if k[0] in METHODS else 99))
+    model = rows[0].get("model", "?")
+    lines = [
+        f"# Experiment report: {model}",
+        "",
+        f"{len(rows)} runs; budgets are LoRA ranks (`rank`): every sparse method trains exactly LoRA's parameter "
+        "count at that rank; `full` trains everything. Accuracies in percent, mean ± standard deviation over "
+        "training tasks and seeds.",
+        "",
+        "| method | rank | trainable | runs | ID acc | OOD acc | forget ratio | collapse rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in order:
+        g = groups[key]
+        lines.append(
+            f"| {key[0]} | {key[1] or '-'} | {statistics.fmean(r['trainable'] for r in g):,.0f} | {len(g)} | "
+            f"{_mean_sd([r['id_acc'] for r in g])} | {_mean_sd([r['ood_acc'] for r in g])} | "
+            f"{_mean_sd([r['forget_ratio'] for r in g])} | {_mean_sd([r['collapse_rate'] for r in g])} |"
+        )
+    tasks = sorted({r["train_task"] for r in rows})
+    lines += [
+        "",
+        "## ID accuracy per training task (mean over seeds)",
+        "",
+        "| method | rank | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for key in order:
+        cells = []
+        for t in tasks:
+            vals = [r["id_acc"] for r in groups[key] if r["train_task"] == t]
+            cells.append(_mean_sd(vals))
+        lines.append(f"| {key[0]} | {key[1] or '-'} | " + " | ".join(cells) + " |")
+    vanilla = {r["train_task"]: r["vanilla_id_acc"] for r in rows}
+    lines.append("| vanilla | - | " + " | ".join(f"{100 * vanilla[t]:.1f}" for t in tasks) + " |")
+    plots = _plots(groups, order, out)
+    if plots:
+        lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _plots(groups, order, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install gallop[demo]): no plots")
+        return []
+    labels = [f"{m}" + (f" r{r}" if r else "") for m, r in order]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (m, r), label in zip(order, labels):
+        g = groups[(m, r)]
+        x = statistics.fmean(x["ood_acc"] for x in g if x["ood_acc"] is not None) * 100
+        y = statistics.fmean(x["id_acc"] for x in g) * 100
+        ax.scatter([x], [y], s=60, marker="*" if m == "gallop" else "o")
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    v = groups[order[0]][0]
+    ax.axvline(v["vanilla_ood_acc"] * 100, color="grey", lw=1, ls="--", label="vanilla OOD")
+    ax.set_xlabel("OOD accuracy (%)")
+    ax.set_ylabel("ID accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("ID vs OOD accuracy per method (mean over tasks and seeds)", fontsize=9)
+    fig.tight_layout()
+    p1 = out / "id_vs_ood.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    means = [statistics.fmean(x["forget_ratio"] for x in groups[k]) for k in order]
+    ax.bar(range(len(order)), means, color=["tab:red" if k[0] == "gallop" else "tab:blue" for k in order])
+    ax.set_xticks(range(len(order)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("forget ratio (lower is better)")
+    ax.set_title("Forgetting per method (mean over tasks and seeds)", fontsize=9)
+    fig.tight_layout()
+    p2 = out / "forget_ratio.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
