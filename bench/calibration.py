@@ -50,10 +50,15 @@ def child(mode: str, device: str, examples: int, out: Path) -> dict:
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _hwm()) - base
     sel = select(model, grads, config)
     torch.save({n: i.cpu() for n, i in sel.items()}, out / f"selection-{mode}.pt")
-    return {"mode": mode, "peak_extra_mib": peak / 2**20, "weights_mib": weights_bytes / 2**20, "eligible": eligible,
-            "largest_tensor_mib": largest / 2**20,
-            "accumulator_mib_formula": BYTES_PER_ELIGIBLE[mode] * eligible / 2**20,
-            "bytes_per_eligible_measured": peak / eligible}
+    return {
+        "mode": mode,
+        "peak_extra_mib": peak / 2**20,
+        "weights_mib": weights_bytes / 2**20,
+        "eligible": eligible,
+        "largest_tensor_mib": largest / 2**20,
+        "accumulator_mib_formula": BYTES_PER_ELIGIBLE[mode] * eligible / 2**20,
+        "bytes_per_eligible_measured": peak / eligible,
+    }
 
 
 def _rss() -> int:
@@ -108,9 +113,23 @@ def main(argv=None) -> int:
 
     rows = []
     for mode in MODES:
-        res = subprocess.run([sys.executable, __file__, "--child", mode, "--device", args.device, "--examples",
-                              str(args.examples), "--out", str(out)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        res = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--device",
+                args.device,
+                "--examples",
+                str(args.examples),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         if res.returncode:
             print(res.stderr[-2000:], file=sys.stderr)
             return 1
@@ -121,12 +140,16 @@ def main(argv=None) -> int:
         sel = torch.load(out / f"selection-{row['mode']}.pt")
         common = sum(int(torch.isin(sel[n].long(), ref[n].long()).sum()) for n in sel if n in ref)
         row["overlap_with_fp32"] = common / k
-        print(f"{row['mode']:<5} peak extra {row['peak_extra_mib']:8.1f} MiB ({row['bytes_per_eligible_measured']:.2f} "
-              f"bytes per eligible weight; accumulators by the formula {row['accumulator_mib_formula']:.1f} MiB), "
-              f"selection overlap with fp32 {100 * row['overlap_with_fp32']:.2f}%", flush=True)
+        print(
+            f"{row['mode']:<5} peak extra {row['peak_extra_mib']:8.1f} MiB ({row['bytes_per_eligible_measured']:.2f} "
+            f"bytes per eligible weight; accumulators by the formula {row['accumulator_mib_formula']:.1f} MiB), "
+            f"selection overlap with fp32 {100 * row['overlap_with_fp32']:.2f}%",
+            flush=True,
+        )
     planning = {name: plan(*shape) for name, shape in PLAN_SHAPES.items()}
-    (out / "calibration.json").write_text(json.dumps({"device": args.device, "modes": rows, "plan": planning},
-                                                     indent=1))
+    (out / "calibration.json").write_text(
+        json.dumps({"device": args.device, "modes": rows, "plan": planning}, indent=1)
+    )
     return 0
 
 

@@ -28,12 +28,36 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("full", "lora", "gallop-1%", "gallop-0.1%", "gallop-1%-torch-adamw")
 SHAPES = {  # LLaMA-architecture shapes (random weights) and their batch; "tiny" is the smoke test's
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128, batch=2, seq=16),
-    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, batch=8, seq=1024),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, batch=2, seq=1024),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        batch=2,
+        seq=16,
+    ),
+    "1.1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        intermediate_size=5632,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        batch=8,
+        seq=1024,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        batch=2,
+        seq=1024,
+    ),
 }
 
 
@@ -114,8 +138,11 @@ def child(args) -> dict:
         selection = gallop.select(model, None, config)
         run = SparseModel(model, selection)
         trainable = run.num_selected
-        opt = (torch.optim.AdamW(run.parameters(), lr=1e-4, fused=device.type == "cuda")
-               if method.endswith("torch-adamw") else SparseAdamW(run, lr=1e-4))
+        opt = (
+            torch.optim.AdamW(run.parameters(), lr=1e-4, fused=device.type == "cuda")
+            if method.endswith("torch-adamw")
+            else SparseAdamW(run, lr=1e-4)
+        )
     run.train()
 
     def step():
@@ -143,8 +170,16 @@ def child(args) -> dict:
             step()
         Path(args.profile).write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     ms = statistics.median(times) * 1e3
-    return {"method": method, "ms_per_step": ms, "tokens_per_s": batch * seq / (ms / 1e3), "peak_mib": _peak_mib(device),
-            "trainable": trainable, "batch": batch, "seq": seq, "steps": args.steps}
+    return {
+        "method": method,
+        "ms_per_step": ms,
+        "tokens_per_s": batch * seq / (ms / 1e3),
+        "peak_mib": _peak_mib(device),
+        "trainable": trainable,
+        "batch": batch,
+        "seq": seq,
+        "steps": args.steps,
+    }
 
 
 def parent(args) -> dict:
@@ -152,8 +187,21 @@ def parent(args) -> dict:
 
     results = {"shape": args.shape, "device": args.device, "torch": torch.__version__, "methods": []}
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", "--method", method, "--shape", args.shape, "--device", args.device,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--method",
+            method,
+            "--shape",
+            args.shape,
+            "--device",
+            args.device,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -163,8 +211,11 @@ def parent(args) -> dict:
             continue
         row = json.loads(res.stdout.strip().splitlines()[-1])
         results["methods"].append(row)
-        print(f"{method:<24} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:9.0f} tokens/s "
-              f"{row['peak_mib']:9.0f} MiB peak  {row['trainable']:>13,} trainable", flush=True)
+        print(
+            f"{method:<24} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:9.0f} tokens/s "
+            f"{row['peak_mib']:9.0f} MiB peak  {row['trainable']:>13,} trainable",
+            flush=True,
+        )
     by = {r["method"]: r for r in results["methods"] if "error" not in r}
     for r in results["methods"]:
         if "error" in r:

@@ -6,9 +6,9 @@
 For each layer shape ``[M, N]``, token count ``T`` and density it times
 
 * ``dense``: ``(dy^T @ x).view(-1)[idx]`` (what ``gallop_kernels.weight_grad_at`` runs), and
-* ``sampled``: only the selected entries, ``out[i] = sum_t dy[t, r_i] * x[t, c_i]``, as a chunked gather-dot in
-  torch (the prototype a Triton kernel would have to beat; each entry costs ``T`` multiply-adds, so it does ``K * T``
-  of them against the GEMM's ``M * N * T``),
+* ``sampled``: only the selected entries, ``out[i] = sum_t dy[t, r_i] * x[t, c_i]``, as a chunked gather-dot
+  (``weight_grad_at(path="sampled")``; each entry costs ``T`` multiply-adds, so it does ``K * T`` of them against
+  the GEMM's ``M * N * T``),
 
 checks that they agree, and writes ``weight_grad.json`` with the speed-up of ``sampled`` over ``dense``: the
 crossover table of docs/performance.md.
@@ -30,17 +30,6 @@ import gallop_kernels as gk  # noqa: E402
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 2048), (5632, 2048)]
 DENSITIES = [0.1, 0.01, 0.001, 0.0001]
-
-
-def sampled(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """The selected entries of ``dy^T x`` without the dense product: a gather-dot over the tokens, in chunks."""
-    n = x.shape[-1]
-    rows, cols = idx // n, idx % n
-    out = torch.empty(idx.numel(), dtype=torch.float32, device=dy.device)
-    for s in range(0, idx.numel(), chunk):
-        r, c = rows[s : s + chunk], cols[s : s + chunk]
-        out[s : s + chunk] = (dy[:, r].float() * x[:, c].float()).sum(0)
-    return out
 
 
 def _time(fn, device, reps: int) -> float:
@@ -77,21 +66,38 @@ def main(argv=None) -> int:
         for density in DENSITIES:
             k = max(1, int(density * m * n))
             idx = torch.sort(torch.randperm(m * n, generator=gen)[:k]).values.to(device)
-            want = gk.weight_grad_at(dy, x, idx)
-            got = sampled(dy, x, idx)
+            want = gk.weight_grad_at(dy, x, idx, path="dense")
+            got = gk.weight_grad_at(dy, x, idx, path="sampled")
             scale = float(want.abs().max()) + 1e-30
-            agree = bool(((got - want).abs() <= 4 * torch.finfo(dtype).eps * scale * tokens ** 0.5).all())
-            t_dense = _time(lambda: gk.weight_grad_at(dy, x, idx, check_indices=False), device, args.reps)
-            t_sampled = _time(lambda: sampled(dy, x, idx), device, args.reps)
-            row = {"M": m, "N": n, "tokens": tokens, "density": density, "k": k, "dense_ms": t_dense,
-                   "sampled_ms": t_sampled, "sampled_speedup": t_dense / t_sampled, "agree": agree}
+            agree = bool(((got - want).abs() <= 4 * torch.finfo(dtype).eps * scale * tokens**0.5).all())
+            t_dense = _time(
+                lambda a=(dy, x, idx): gk.weight_grad_at(*a, check_indices=False, path="dense"), device, args.reps
+            )
+            t_sampled = _time(
+                lambda a=(dy, x, idx): gk.weight_grad_at(*a, check_indices=False, path="sampled"), device, args.reps
+            )
+            row = {
+                "M": m,
+                "N": n,
+                "tokens": tokens,
+                "density": density,
+                "k": k,
+                "dense_ms": t_dense,
+                "sampled_ms": t_sampled,
+                "sampled_speedup": t_dense / t_sampled,
+                "agree": agree,
+            }
             rows.append(row)
-            print(f"[{m:>5} x {n:>5}] T={tokens} density {density:>7.4%}: dense {t_dense:8.3f} ms, sampled "
-                  f"{t_sampled:8.3f} ms, sampled/dense speed-up {t_dense / t_sampled:6.2f}x", flush=True)
+            print(
+                f"[{m:>5} x {n:>5}] T={tokens} density {density:>7.4%}: dense {t_dense:8.3f} ms, sampled "
+                f"{t_sampled:8.3f} ms, sampled/dense speed-up {t_dense / t_sampled:6.2f}x",
+                flush=True,
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "weight_grad.json").write_text(json.dumps({"device": args.device, "dtype": str(dtype), "rows": rows},
-                                                     indent=1))
+    (out / "weight_grad.json").write_text(
+        json.dumps({"device": args.device, "dtype": str(dtype), "rows": rows}, indent=1)
+    )
     return 0 if all(r["agree"] for r in rows) else 1
 
 

@@ -76,7 +76,9 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = weight if ctx.cast_dtype is None else weight.to(ctx.cast_dtype)
             w = w.to(dy.dtype) if w.dtype != dy.dtype else w
-            dx = torch.matmul(dy, w.t() if ctx.transposed else w)
+            # one 2-D GEMM over all tokens (matmul on a 3-D non-contiguous dy would batch it, copying per row)
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dx = (dy2 @ (w.t() if ctx.transposed else w)).view(*dy.shape[:-1], -1)
         if ctx.needs_input_grad[2]:
             dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
         if ctx.needs_input_grad[3]:

@@ -155,6 +155,45 @@ def _check_selection(model: nn.Module, selection: Selection) -> tuple[list[str],
     return names, params, indices
 
 
+def _check_owners(names: list[str], params: dict, owners: dict[int, list[nn.Module]]) -> dict[str, list[nn.Module]]:
+    """name -> the modules whose ``weight`` it is; raises if a weight has none, or one is not a plain module."""
+    out = {}
+    for name in names:
+        mods = owners.get(id(params[name]), [])
+        if not mods:
+            raise ValueError(
+                f"{name!r} is not the weight of any module, so GaLLoP cannot route its gradient; exclude "
+                f"it from target_modules"
+            )
+        for m in mods:
+            if layers.has_own_forward(m):
+                raise ValueError(
+                    f"the module owning {name!r} has its forward replaced on the instance (accelerate "
+                    f"hooks or another adapter); GaLLoP needs plain modules: load the model without "
+                    f"offloading hooks"
+                )
+        out[name] = mods
+    return out
+
+
+def _delta_tree(names: list[str]) -> nn.Module:
+    """Empty containers mirroring each selected weight's module path (``deltas.model.layers.0...``); the delta
+    parameters are registered in them later."""
+    root = nn.Module()
+    for name in names:
+        parent = root
+        for part in name.split(".")[:-1]:
+            child = parent._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                try:
+                    parent.add_module(part, child)
+                except KeyError as e:
+                    raise ValueError(f"the parameter name {name!r} cannot be mirrored as a module path ({e})") from None
+            parent = child
+    return root
+
+
 def _check_same_selection_on_all_ranks(fingerprint: int, k: int, device: torch.device, group) -> None:
     """One all-reduce: raise on every rank if any two ranks hold different selections."""
     import torch.distributed as dist
@@ -234,25 +273,11 @@ class SparseModel(nn.Module):
 
     def __init__(self, model: nn.Module, selection: Selection, *, process_group: Any = None) -> None:
         names, params, indices = _check_selection(model, selection)
-        owners = _modules_owning(model)
-        for name in names:
-            mods = owners.get(id(params[name]), [])
-            if not mods:
-                raise ValueError(
-                    f"{name!r} is not the weight of any module, so GaLLoP cannot route its gradient; "
-                    f"exclude it from target_modules"
-                )
-            for m in mods:
-                if layers.has_own_forward(m):
-                    raise ValueError(
-                        f"the module owning {name!r} has its forward replaced on the instance (accelerate "
-                        f"hooks or another adapter); GaLLoP needs plain modules: load the model without "
-                        f"offloading hooks"
-                    )
+        owners = _check_owners(names, params, _modules_owning(model))
+        deltas = _delta_tree(names)  # built first: a name that cannot be a module path fails before any change
         device = params[names[0]].device
         fingerprint = selection_fingerprint(names, indices)
-        k = sum(int(i.numel()) for i in indices)
-        _check_same_selection_on_all_ranks(fingerprint, k, device, process_group)
+        _check_same_selection_on_all_ranks(fingerprint, sum(int(i.numel()) for i in indices), device, process_group)
 
         # ---- every check passed: from here on the model is modified ----
         super().__init__()
@@ -261,49 +286,46 @@ class SparseModel(nn.Module):
         self._unloaded = False
         self._merged = True
         self.register_buffer("selection_fingerprint", torch.tensor([fingerprint], dtype=torch.int64, device=device))
-        self.deltas = nn.Module()
+        self.deltas = deltas
         self._saved_flags = [(p, p.requires_grad) for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
+        self._targets = self._attach_targets(names, params, [i.to(device) for i in indices], owners, device)
+        self._install_hooks()
+        self.__class__ = _wrapper_class(type(model))  # type: ignore[arg-type]
 
-        indices = [i.to(device) for i in indices]
+    def _attach_targets(self, names, params, indices, owners, device) -> list[_Target]:
+        """One flat fp32 base and one flat fp32 delta storage; per weight, its slices registered as the delta
+        parameter (here and on its owning modules) and the module's buffers, and the module's sparse forward."""
+        k = sum(int(i.numel()) for i in indices)
         flat_base = torch.empty(k, dtype=torch.float32, device=device)
         flat_delta = torch.zeros(k, dtype=torch.float32, device=device)
-        self._targets: list[_Target] = []
+        targets = []
         offset = 0
         for name, idx in zip(names, indices):
             n = int(idx.numel())
             base = flat_base[offset : offset + n]
             gallop_kernels.gather(params[name].detach(), idx, out=base, check_indices=False)
             delta = nn.Parameter(flat_delta[offset : offset + n])
-            self._register_delta(name, delta)
-            mods = owners[id(params[name])]
-            for m in mods:
+            self.deltas.get_submodule(name.rpartition(".")[0]).register_parameter(name.rpartition(".")[2], delta)
+            for m in owners[name]:
                 layers.install(m, delta, idx, base)
-            self._targets.append(_Target(name, params[name], mods, delta))
+            targets.append(_Target(name, params[name], owners[name], delta))
             offset += n
-        for t in self._targets:
+        for t in targets:
             t.synced_version = t.delta._version
+        return targets
+
+    def _install_hooks(self) -> None:
+        """The write-back hooks on the model, the state-dict checks, and the global optimizer step hook."""
         self._handles = [
-            model.register_forward_pre_hook(self._pre_forward_hook),
-            model.register_state_dict_pre_hook(self._state_dict_hook),
+            self._model.register_forward_pre_hook(self._pre_forward_hook),
+            self._model.register_state_dict_pre_hook(self._state_dict_hook),
         ]
         self._register_load_state_dict_pre_hook(self._check_loaded_fingerprint)
         self.register_load_state_dict_post_hook(self._after_load)
-        self.__class__ = _wrapper_class(type(model))  # type: ignore[arg-type]
         _install_optimizer_hook()
         _LIVE.add(self)
-
-    def _register_delta(self, name: str, delta: nn.Parameter) -> None:
-        parent = self.deltas
-        *path, leaf = name.split(".")
-        for part in path:
-            child = parent._modules.get(part)
-            if child is None:
-                child = nn.Module()
-                parent.add_module(part, child)
-            parent = child
-        parent.register_parameter(leaf, delta)
 
     # ------------------------------------------------------------------------------------------ nn.Module plumbing
     def __getattr__(self, name: str) -> Any:

@@ -4,7 +4,9 @@ Every function validates its arguments first (without a device sync) and raises 
 naming the offending argument, leaving every tensor untouched. The training-path ops then call their backend
 directly in eager mode (the custom-op dispatcher costs about 0.1 ms a call) and go through their
 ``torch.library`` custom op inside ``torch.compile`` (no graph break). ``select_topk`` always dispatches directly.
-After an eager op wrote a tensor, its autograd version counter is advanced, whichever backend wrote it.
+After an eager op wrote a tensor, its autograd version counter is advanced, whichever backend wrote it. Inside
+``torch.compile`` the data-dependent checks (index range, NaN/Inf, shared memory) are skipped: they would need a
+device sync or real addresses; the Triton kernels stay memory-safe regardless.
 """
 
 from __future__ import annotations
@@ -242,7 +244,12 @@ def scatter_(
 
 
 def weight_grad_at(
-    grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, *, check_indices: bool = True
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    check_indices: bool = True,
+    path: str = "auto",
 ) -> torch.Tensor:
     """The weight gradient of a linear layer at selected entries only: ``(G^T X).view(-1)[indices]`` in fp32.
 
@@ -251,19 +258,23 @@ def weight_grad_at(
         input: ``[..., N]`` (the layer's input ``X``), the same dtype and the same leading (token) dimensions.
         indices: 1-D int32/int64 flat indices into the ``[M, N]`` weight gradient, each in ``[0, M * N)``.
         check_indices: verify the index range first (one reduction, one device sync).
+        path: ``dense`` (the GEMM ``G^T X`` in the inputs' dtype, then a gather: ``M*N*T`` multiply-adds),
+            ``sampled`` (a gather-dot over the tokens for the selected entries only: ``K*T``), or ``auto``
+            (default): ``sampled`` when ``K`` is at most ``weight_grad.SAMPLED_MAX_DENSITY[device]`` of ``M*N``.
 
     Returns:
         fp32 ``[len(indices)]``: ``out[i] = sum_t G[t, r] * X[t, c]`` with ``(r, c) = divmod(indices[i], N)``, the
         tokens ``t`` running over all leading dimensions. For a ``[N, M]`` weight stored transposed (transformers'
         ``Conv1D``), pass ``(input, grad_output)``.
 
-    The reference (and today's CUDA path: there is no Triton kernel yet) computes the dense ``[M, N]`` product in
-    the inputs' dtype, as torch's linear backward does, and gathers; a sampled kernel that computes only the
-    selected entries may replace it where it is faster, agreeing within the inputs' dtype rounding.
+    The dense path rounds each entry once to the inputs' dtype (as torch's linear backward does); the sampled path
+    accumulates in fp32, so the two agree within one rounding of the inputs' dtype.
     """
-    weight_grad.check_args(grad_output, input, indices, check_indices)
+    weight_grad.check_args(grad_output, input, indices, check_indices, path)
+    m, n = grad_output.shape[-1], input.shape[-1]
+    chosen = weight_grad.choose_path(path, indices.numel(), m, n, grad_output.device)
     op = weight_grad.weight_grad_at_op if _compiling() else weight_grad.weight_grad_at
-    return op(grad_output, input, indices)
+    return op(grad_output, input, indices, chosen)
 
 
 def _nonfinite(message: str, nonfinite: str) -> None:

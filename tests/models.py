@@ -5,6 +5,30 @@ import torch
 VOCAB = 96
 
 
+def llama(
+    vocab_size: int = VOCAB,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    **kwargs,
+):
+    """A random Llama of the given size (no download), in train mode as built."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kwargs.pop("kv_heads", 2),
+        **kwargs,
+    )
+    return tf.AutoModelForCausalLM.from_config(cfg)
+
+
 def tiny(arch: str = "llama", dtype=torch.float32, seed: int = 0):
     import transformers as tf
 

@@ -66,9 +66,13 @@ class DataArguments:
     messages_column: str = field(default="messages", metadata={"help": "the column holding chat messages"})
     max_length: int = field(default=512, metadata={"help": "truncate examples to this many tokens"})
     train_examples: int = field(default=256, metadata={"help": "training examples used (at most)"})
-    eval_examples: int = field(default=48, metadata={"help": "test examples per task (ID and each OOD task)"})
+    eval_examples: int = field(default=32, metadata={"help": "test examples per task (ID and each OOD task)"})
     ood_tasks: str = field(
-        default="all", metadata={"help": "comma list of built-in tasks to evaluate OOD, 'all', or 'none'"}
+        default="capitals,antonyms,plurals,sounds",
+        metadata={
+            "help": "comma list of built-in tasks to evaluate OOD (default: the knowledge the model has, where "
+            "forgetting shows), 'all', or 'none'"
+        },
     )
 
     def columns(self) -> dict[str, str]:

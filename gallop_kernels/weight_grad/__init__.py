@@ -13,7 +13,9 @@ from .._registry import implementation
 from .._validate import check_float, check_index_range, check_indices, check_same_device
 
 
-def check_args(grad_output, input, indices, check_range: bool = True) -> None:
+def check_args(grad_output, input, indices, check_range: bool = True, path: str = "auto") -> None:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     check_float(grad_output, "grad_output")
     check_float(input, "input")
     if grad_output.dtype != input.dtype:
@@ -32,13 +34,26 @@ def check_args(grad_output, input, indices, check_range: bool = True) -> None:
         check_index_range(indices, grad_output.shape[-1] * input.shape[-1])
 
 
-def weight_grad_at(grad_output: Tensor, input: Tensor, indices: Tensor) -> Tensor:
-    return implementation("weight_grad_at", grad_output.device)(grad_output, input, indices)
+PATHS = ("auto", "dense", "sampled")
+#: the sampled path is used at or below this fraction of a tensor's entries (``path="auto"``), per device type:
+#: measured crossover on a 2-core x86 CPU (docs/performance.md); CUDA keeps the dense cuBLAS path until measured
+SAMPLED_MAX_DENSITY = {"cpu": 0.004, "cuda": 0.0}
+
+
+def choose_path(path: str, k: int, m: int, n: int, device: torch.device) -> str:
+    """``dense`` or ``sampled`` for ``k`` entries of an ``[m, n]`` gradient (``path="auto"`` picks by density)."""
+    if path != "auto":
+        return path
+    return "sampled" if k <= SAMPLED_MAX_DENSITY.get(device.type, 0.0) * m * n else "dense"
+
+
+def weight_grad_at(grad_output: Tensor, input: Tensor, indices: Tensor, path: str) -> Tensor:
+    return implementation("weight_grad_at", grad_output.device)(grad_output, input, indices, path)
 
 
 weight_grad_at_op = torch.library.custom_op("gallop::weight_grad_at", weight_grad_at, mutates_args=())
 
 
 @weight_grad_at_op.register_fake
-def _(grad_output, input, indices):
+def _(grad_output, input, indices, path):
     return torch.empty(indices.shape, dtype=torch.float32, device=grad_output.device)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from gallop import GallopConfig, SparseAdamW, SparseModel, select
 from gallop.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, decode_gaps, encode_gaps, read_adapter
 
-from ..models import random_batches, tiny
+from ..models import llama, random_batches, tiny
 from .helpers import setup, snapshot, train, weights
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -84,21 +84,9 @@ def test_folder_layout_and_config(tmp_path):
 
 def test_adapter_size_for_a_bf16_model(tmp_path, backend):
     """bf16 values + uint16 gap codes: <= 4.5 bytes per trained entry at 1% density."""
-    import transformers as tf
-
     if backend == "triton":
         pytest.skip("the file size does not depend on the kernel backend (and the interpreter is slow at this size)")
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=64,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    model = tf.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    model = llama(vocab_size=64, hidden_size=256, intermediate_size=704, kv_heads=4).to(torch.bfloat16)
     sel = select(model, None, GallopConfig(density=0.01, scorer="random"))
     sparse = SparseModel(model, sel)
     sparse.save_pretrained(tmp_path / "a")

@@ -7,9 +7,10 @@ import sys
 import time
 
 import pytest
-import torch
 
 from gallop.cli import main
+
+from ..models import llama
 
 
 @pytest.fixture(scope="session")
@@ -25,20 +26,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama with SmolLM2's tokenizer (and chat template), saved as a local model folder."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    model = tf.AutoModelForCausalLM.from_config(cfg)
+    model = llama(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True)
     d = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)

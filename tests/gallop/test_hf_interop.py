@@ -8,7 +8,7 @@ import torch
 
 from gallop import GallopConfig, SparseAdamW, SparseModel, select
 
-from ..models import random_batches, tiny
+from ..models import llama, random_batches, tiny
 from .helpers import train, weights
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -118,20 +118,7 @@ def test_trl_sft_trainer_trains_a_gallop_model(tmp_path):
 
     path = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    import transformers as tf
-
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(
-        tf.LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    )
+    model = llama(vocab_size=len(tok), max_position_embeddings=128)
     sel = select(model, None, GallopConfig(density=0.05, scorer="random"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sparse = SparseModel(model, sel)

@@ -17,15 +17,18 @@ from .helpers import adam_tol, changed_entries, setup, snapshot, tol, train, twi
 pytestmark = pytest.mark.usefixtures("backend")
 
 
-def _dense_grads(model, sel, batch):
-    """The stock dense gradient of every selected weight, gathered at the selected entries."""
+def _dense_grads(model, sel, batch, autocast: bool = False):
+    """The stock dense gradient of every selected weight (under bf16 autocast if asked), gathered at the selected
+    entries."""
     ref = copy.deepcopy(model)
     params = dict(ref.named_parameters())
     for p in ref.parameters():
         p.requires_grad_(False)
     for n in sel:
         params[n].requires_grad_(True)
-    ref(**batch).loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = ref(**batch).loss
+    loss.backward()
     return {n: params[n].grad.reshape(-1)[sel[n].long()] for n in sel}
 
 
@@ -239,20 +242,13 @@ def test_bf16_model_moves_at_small_lr():
 def test_autocast_bf16_gradients_match_stock_autocast():
     model, sel = setup()
     batch = random_batches(1, seed=6)[0]
-    ref = copy.deepcopy(model)
-    params = dict(ref.named_parameters())
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    for n in sel:
-        params[n].requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref(**batch).loss.backward()
+    stock = _dense_grads(model, sel, batch, autocast=True)
     sparse = SparseModel(model, sel)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = sparse(**batch).loss
     loss.backward()
     for name, delta in sparse.named_deltas().items():
-        want = params[name].grad.reshape(-1)[sel[name].long()]
+        want = stock[name]
         scale = float(want.abs().max()) + 1e-12
         torch.testing.assert_close(delta.grad / scale, want / scale, **tol(torch.bfloat16), msg=name)
 

@@ -38,7 +38,8 @@ def test_opcheck_all_ops():
     )
     torch.library.opcheck(adamw.sparse_adamw_step_op, step_args)
     torch.library.opcheck(
-        weight_grad.weight_grad_at_op, (torch.randn(5, 6, generator=gen), torch.randn(5, 7, generator=gen), idx)
+        weight_grad.weight_grad_at_op,
+        (torch.randn(5, 6, generator=gen), torch.randn(5, 7, generator=gen), idx, "sampled"),
     )
 
 

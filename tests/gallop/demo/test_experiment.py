@@ -24,13 +24,16 @@ def test_metrics_of_a_run():
     assert m["forget_ratio"] == pytest.approx(0.5 / 0.7) and m["collapse_rate"] == 0.5
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"methods": "gallop,adapterfusion"}, "unknown method"),
-    ({"tasks": "no_such_task"}, "neither a built-in task"),
-    ({"ranks": "0"}, "--ranks must be positive"),
-    ({"train_examples": 10**6}, "is more than task"),
-    ({"calib_fraction": 0.0}, "calib_fraction"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"methods": "gallop,adapterfusion"}, "unknown method"),
+        ({"tasks": "no_such_task"}, "neither a built-in task"),
+        ({"ranks": "0"}, "--ranks must be positive"),
+        ({"train_examples": 10**6}, "is more than task"),
+        ({"calib_fraction": 0.0}, "calib_fraction"),
+    ],
+)
 def test_bad_input_fails_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check(ExperimentArguments(**kwargs))
@@ -50,14 +53,35 @@ def test_resume_skips_finished_runs_and_ignores_a_cut_line(tmp_path):
 
 
 def test_report_from_results(tmp_path):
-    base = {"model": "m", "budget": 10, "trainable": 10, "density": 0.1, "seed": 0, "losses": [1.0], "wall_s": 1.0,
-            "peak_mem_mb": 1.0, "vanilla_id_acc": 0.5, "vanilla_ood_acc": 0.8, "collapse_rate": 0.0, "ood": {}}
+    base = {
+        "model": "m",
+        "budget": 10,
+        "trainable": 10,
+        "density": 0.1,
+        "seed": 0,
+        "losses": [1.0],
+        "wall_s": 1.0,
+        "peak_mem_mb": 1.0,
+        "vanilla_id_acc": 0.5,
+        "vanilla_ood_acc": 0.8,
+        "collapse_rate": 0.0,
+        "ood": {},
+    }
     rows = []
     for method, rank, id_acc, ood in (("gallop", 2, 0.9, 0.78), ("lora", 2, 0.95, 0.6), ("full", 0, 1.0, 0.4)):
         for task in ("parity", "compare"):
-            rows.append({**base, "run_id": f"{method}|r{rank}|{task}|s0", "method": method, "rank": rank,
-                         "train_task": task, "id_acc": id_acc, "ood_acc": ood,
-                         "forget_ratio": forget_ratio(0.8, ood)})
+            rows.append(
+                {
+                    **base,
+                    "run_id": f"{method}|r{rank}|{task}|s0",
+                    "method": method,
+                    "rank": rank,
+                    "train_task": task,
+                    "id_acc": id_acc,
+                    "ood_acc": ood,
+                    "forget_ratio": forget_ratio(0.8, ood),
+                }
+            )
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     text = write_report(tmp_path).read_text()
     assert "| gallop | 2 |" in text and "| full | - |" in text and "forget ratio" in text
@@ -72,8 +96,23 @@ def test_quick_preset_on_smollm2_resumes(tmp_path):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 4  # two tasks x two methods
     row = json.loads(lines[0])
-    for key in ("method", "model", "train_task", "seed", "trainable", "density", "id_acc", "ood_acc", "ood",
-                "vanilla_id_acc", "vanilla_ood_acc", "forget_ratio", "collapse_rate", "wall_s", "peak_mem_mb"):
+    for key in (
+        "method",
+        "model",
+        "train_task",
+        "seed",
+        "trainable",
+        "density",
+        "id_acc",
+        "ood_acc",
+        "ood",
+        "vanilla_id_acc",
+        "vanilla_ood_acc",
+        "forget_ratio",
+        "collapse_rate",
+        "wall_s",
+        "peak_mem_mb",
+    ):
         assert key in row, key
     run_experiment(ExperimentArguments(quick=True, out=str(tmp_path)))  # everything done: nothing is rerun
     assert (tmp_path / "results.jsonl").read_text().splitlines() == lines
