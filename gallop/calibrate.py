@@ -115,15 +115,27 @@ def _stochastic_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torc
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
+def _eval_but_keep_checkpointing(model: nn.Module) -> None:
+    """Eval mode (no dropout) everywhere but in the modules that checkpoint activations (transformers' layers with
+    ``gradient_checkpointing = True``, which only recompute in training mode), so a model set up with gradient
+    checkpointing calibrates with its memory savings."""
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.train()
+            for child in m.children():  # the layer's own submodules stay in eval mode: no dropout inside it
+                child.eval()
+
+
 @contextlib.contextmanager
 def only_these_require_grad(
     model: nn.Module, params: Mapping[str, torch.Tensor], on_grad: Callable[[str, torch.Tensor], None]
 ) -> Iterator[None]:
     """Inside: only ``params`` require grad, each with a post-accumulate-grad hook calling ``on_grad(name, grad)``
-    and freeing the grad; the model in eval mode. On exit (also on error): every ``requires_grad`` flag, ``.grad``
-    and hook as before, and the model's training mode."""
+    and freeing the grad; the model in eval mode (but its checkpointing layers, see ``_eval_but_keep_checkpointing``).
+    On exit (also on error): every ``requires_grad`` flag, ``.grad`` and hook as before, and every module's mode."""
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     handles = []
 
     def make_hook(name: str) -> Callable[[torch.Tensor], None]:
@@ -141,7 +153,7 @@ def only_these_require_grad(
         for name, weight in params.items():
             weight.requires_grad_(True)
             handles.append(weight.register_post_accumulate_grad_hook(make_hook(name)))
-        model.eval()
+        _eval_but_keep_checkpointing(model)
         yield
     finally:
         for h in handles:
@@ -149,7 +161,8 @@ def only_these_require_grad(
         for p, flag, grad in saved:
             p.requires_grad_(flag)
             p.grad = grad
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _check_args(max_batches, reduction: str, accumulate: str) -> None:
@@ -187,7 +200,8 @@ def mean_gradients(
     once, and weights that are not eligible get no gradient. Peak memory: the weights, the accumulators, one
     layer's dense gradient and the activations. The model's ``requires_grad`` flags, training mode and ``.grad``
     fields are restored afterwards, and its weights are not touched. Dropout is off (eval mode), so the result is a
-    deterministic function of the data.
+    deterministic function of the data; a model with gradient checkpointing enabled keeps checkpointing (and its
+    memory savings) during calibration.
 
     Args:
         model: the model; batches are moved to the device of its first parameter.
