@@ -10,8 +10,8 @@ from ..models import llama
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("model")
     llama().save_pretrained(d)
