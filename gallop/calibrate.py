@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import eval_but_keep_checkpointing, inputs_require_grad
 from .config import GallopConfig
 from .selection import eligible_parameters
 
@@ -115,24 +116,12 @@ def _stochastic_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torc
     return bits.view(torch.float32).to(torch.bfloat16)
 
 
-def _eval_but_keep_checkpointing(model: nn.Module) -> None:
-    """Eval mode (no dropout) everywhere but in the modules that checkpoint activations (transformers' layers with
-    ``gradient_checkpointing = True``, which only recompute in training mode), so a model set up with gradient
-    checkpointing calibrates with its memory savings."""
-    model.eval()
-    for m in model.modules():
-        if getattr(m, "gradient_checkpointing", False) is True:
-            m.train()
-            for child in m.children():  # the layer's own submodules stay in eval mode: no dropout inside it
-                child.eval()
-
-
 @contextlib.contextmanager
 def only_these_require_grad(
     model: nn.Module, params: Mapping[str, torch.Tensor], on_grad: Callable[[str, torch.Tensor], None]
 ) -> Iterator[None]:
     """Inside: only ``params`` require grad, each with a post-accumulate-grad hook calling ``on_grad(name, grad)``
-    and freeing the grad; the model in eval mode (but its checkpointing layers, see ``_eval_but_keep_checkpointing``).
+    and freeing the grad; the model in eval mode (but its checkpointing layers, see ``gallop.checkpointing``).
     On exit (also on error): every ``requires_grad`` flag, ``.grad`` and hook as before, and every module's mode."""
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
@@ -153,7 +142,10 @@ def only_these_require_grad(
         for name, weight in params.items():
             weight.requires_grad_(True)
             handles.append(weight.register_post_accumulate_grad_hook(make_hook(name)))
-        _eval_but_keep_checkpointing(model)
+        eval_but_keep_checkpointing(model)
+        embeddings_hook = inputs_require_grad(model)
+        if embeddings_hook is not None:
+            handles.append(embeddings_hook)
         yield
     finally:
         for h in handles:

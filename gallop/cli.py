@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         return _RUN[command](rest)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ImportError) as e:
         print(f"gallop {command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -141,6 +141,29 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **extra)
     except OSError as e:
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {e}") from None
+    if "gguf_file" in extra:
+        _forget_gguf_quantization(model, name_or_path)
     if dev is not None:
         model = model.to(dev)  # type: ignore[arg-type]
     return model, tokenizer
+
+
+def _forget_gguf_quantization(model: Any, name_or_path: str) -> None:
+    """transformers (5.2x) dequantizes a GGUF's weights into dense tensors but still marks the model quantized (a
+    GGUF quantizer, ``is_quantized``), so its Trainer refuses to train it and ``save_pretrained`` refuses to save it.
+    The weights are dense: drop the marks. A model whose weights stayed in GGUF blocks is refused (GaLLoP trains
+    dense weights)."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False):
+        return
+    packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise ValueError(
+            f"{name_or_path!r}: this transformers release keeps the GGUF's weights quantized ({packed[0]!r} is "
+            f"{dict(model.named_parameters())[packed[0]].dtype}); GaLLoP trains dense weights: convert the model to "
+            "safetensors (or use a transformers release that dequantizes GGUF files on load)"
+        )
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config

@@ -75,11 +75,6 @@ def _peft_values(merged: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor
 def export_peft(adapter: str | Path, base_model: nn.Module, out: str | Path) -> dict[str, Any]:
     """Write the gallop adapter at ``adapter`` (trained on ``base_model``, the pristine base) as a PEFT Supertuning
     adapter folder ``out``. ``base_model`` is wrapped by PEFT for the export and unwrapped afterwards."""
-    try:
-        from peft import SupertuningConfig, get_peft_model
-    except ImportError:
-        raise ImportError("the PEFT export needs peft >= 0.21 (with Supertuning): pip install -U peft") from None
-
     data = adapters.read_adapter(adapter)
     params = dict(base_model.named_parameters())
     missing = [t.name for t in data.tensors if t.name not in params]
@@ -99,6 +94,10 @@ def export_peft(adapter: str | Path, base_model: nn.Module, out: str | Path) -> 
             "the model's weights at the adapter's entries differ from the base it was trained on: load "
             "the pristine base model to export"
         )
+    try:  # after the checks: a selection that cannot be exported says so whatever the installed peft
+        from peft import SupertuningConfig, get_peft_model
+    except ImportError:
+        raise ImportError("the PEFT export needs peft >= 0.21 (with Supertuning): pip install -U peft") from None
     targets = [t.name[: -len(".weight")] for t in data.tensors]
     config = SupertuningConfig(target_modules=targets, sparsity=sparsity, save_precomputed_indices=True)
     peft_model = get_peft_model(base_model, config)

@@ -39,6 +39,7 @@ from torch import nn
 import gallop_kernels
 
 from . import layers
+from .checkpointing import inputs_require_grad
 from .selection import Selection
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,9 @@ class SparseModel(nn.Module):
             self._model.register_forward_pre_hook(self._pre_forward_hook),
             self._model.register_state_dict_pre_hook(self._state_dict_hook),
         ]
+        embeddings_hook = inputs_require_grad(self._model)  # reentrant checkpointing of a frozen model
+        if embeddings_hook is not None:
+            self._handles.append(embeddings_hook)
         self._register_load_state_dict_pre_hook(self._check_loaded_fingerprint)
         self.register_load_state_dict_post_hook(self._after_load)
         _install_optimizer_hook()

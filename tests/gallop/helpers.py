@@ -9,6 +9,13 @@ from gallop import GallopConfig, SparseModel, mean_gradients, select
 from ..models import random_batches, tiny
 
 
+def peft_has_supertuning() -> bool:
+    """Whether the installed peft has Supertuning (peft >= 0.21), which the PEFT export writes."""
+    import peft
+
+    return hasattr(peft, "SupertuningConfig")
+
+
 def weights(model) -> dict:
     """The model's own parameters by name (without the ``gallop_delta`` parameters a SparseModel adds)."""
     return {n: p for n, p in model.named_parameters() if not n.endswith("gallop_delta")}

@@ -9,7 +9,7 @@ import torch
 from gallop import GallopConfig, SparseAdamW, SparseModel, select
 
 from ..models import llama, random_batches, tiny
-from .helpers import train, weights
+from .helpers import peft_has_supertuning, train, weights
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -30,6 +30,11 @@ def test_peft_export_loads_in_peft_and_reproduces_the_outputs(tmp_path, dtype):
     from gallop.peft_export import export_peft
 
     trained, sparse = _trained(tmp_path, dtype=dtype)
+    if not peft_has_supertuning():  # an older peft: a clear error, nothing written
+        with pytest.raises(ImportError, match=r"needs peft >= 0.21"):
+            export_peft(tmp_path / "adapter", tiny("llama", dtype=dtype), tmp_path / "peft")
+        assert not (tmp_path / "peft").exists()
+        return
     report = export_peft(tmp_path / "adapter", tiny("llama", dtype=dtype), tmp_path / "peft")
     assert report["peft_type"] == "SUPERTUNING" and report["num_selected"] == sparse.num_selected
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

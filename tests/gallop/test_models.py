@@ -48,3 +48,18 @@ def test_checks_say_what_to_do(tmp_path):
 def test_builtin_smollm2_resolves_to_its_gguf():
     source, extra = resolve_model("smollm2")
     assert extra["gguf_file"].endswith(".gguf")
+
+
+@pytest.mark.model
+def test_builtin_smollm2_loads_dense_and_unmarked_so_trainers_train_it_and_it_saves(tmp_path):
+    """transformers 5.2x dequantizes a GGUF but keeps it marked quantized: its Trainer then refused to train it
+    ("purely quantized models") and save_pretrained refused to save it. load_model drops the marks."""
+    from transformers import Trainer, TrainingArguments
+
+    model, _ = load_model("smollm2")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert getattr(model.config, "quantization_config", None) is None
+    Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], max_steps=1))
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "config.json").is_file()
