@@ -7,7 +7,7 @@ OUT     ?= runs/gpu-check
 
 PIP     := -m pip install -q --disable-pip-version-check
 
-.PHONY: install install-gemma lint format test test-fast test-latest test-floors demo bench gpu-check clean
+.PHONY: install install-gemma lint format test test-fast test-latest test-floors demo grid bench gpu-check clean
 
 install: $(STAMP)
 
@@ -61,6 +61,23 @@ test-fast: install
 
 demo: install
 	$(PYBIN) -m gallop.cli finetune
+
+# The measured grid of docs/experiments.md (issue 10's protocol), in priority order; each line resumes where it
+# stopped (finished runs are skipped), so the grid can be filled over several sessions.
+GRID = $(PYBIN) -m gallop.cli experiment --steps 40 --eval_examples 24 --train_examples 256 --batch_size 8 --ranks 8
+SKILLS = sentiment,parity,next_letter,last_letter
+PROBES = capitals,antonyms,plurals,sounds
+grid: install-gemma
+	$(GRID) --model smollm2 --tasks $(SKILLS) --probe_tasks $(PROBES) --methods gallop,gradient,lora,full \
+		--seeds 0 --out runs/exp-smollm2
+	$(GRID) --model smollm2 --tasks sentiment --probe_tasks $(PROBES),parity,next_letter,last_letter \
+		--methods gallop,gradient,lora --seeds 1,2 --out runs/exp-smollm2
+	$(GRID) --model gemma3-270m --tasks sentiment,parity --probe_tasks $(PROBES) --methods gallop,gradient,lora,full \
+		--seeds 0 --out runs/exp-gemma
+	$(GRID) --model smollm2 --tasks $(SKILLS) --probe_tasks $(PROBES) --methods magnitude,product,random,dora \
+		--seeds 0 --out runs/exp-smollm2
+	$(PYBIN) -m gallop.cli report --out runs/exp-smollm2
+	$(PYBIN) -m gallop.cli report --out runs/exp-gemma
 
 # The CPU benchmarks, each timing its baselines in the same run (JSON + PNG under runs/bench; they name this
 # machine): reference selection vs torch.topk, one training step of every method (the side-by-side table),

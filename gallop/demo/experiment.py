@@ -34,6 +34,21 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SPARSE_METHODS = ("gallop", "gradient", "magnitude", "product", "random")
+# The settings every run of one results folder must share (the grid's lists of tasks, methods, ranks and seeds may
+# grow between invocations; these may not, or rows made under different protocols would be averaged together).
+PROTOCOL = (
+    "model",
+    "steps",
+    "batch_size",
+    "train_examples",
+    "eval_examples",
+    "calib_fraction",
+    "lr_sparse",
+    "lr_lora",
+    "lr_full",
+    "generative",
+    "dtype",
+)
 METHODS = (*SPARSE_METHODS, "lora", "dora", "full")
 
 
@@ -375,10 +390,42 @@ def _append(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
+def check_protocol(args: ExperimentArguments, out: Path) -> None:
+    """Refuse to add runs to a results folder made under other settings (see ``PROTOCOL``)."""
+    path = out / "args.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        for name in PROTOCOL:
+            if name in before and before[name] != getattr(args, name):
+                raise ValueError(
+                    f"--{name}: {out} holds runs made with {name}={before[name]!r}, not {getattr(args, name)!r}; use "
+                    "another --out, or the same settings, so that every row of one report is comparable"
+                )
+    results = out / "results.jsonl"
+    if not results.is_file():
+        return
+    names = [_task_name(t) for t in [*args.task_list(), *args.probe_list()]]
+    for line in results.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        task = row.get("train_task")
+        if task in names and "ood" in row:
+            want = sorted(set(names) - {task})
+            if sorted(row["ood"]) != want:
+                raise ValueError(
+                    f"--tasks/--probe_tasks: the runs trained on {task!r} in {out} were evaluated out of distribution "
+                    f"on {sorted(row['ood'])}, this invocation would use {want}; pass the same tasks and probes so "
+                    "that the seeds and methods of one training task are compared on one OOD set"
+                )
+
+
 def run_experiment(args: ExperimentArguments) -> Path:
     """Run (or resume) the grid; returns the results file."""
     import torch
 
+    from gallop.adapters import atomic_write_text
     from gallop.models import load_model
 
     from .evaluate import accuracy, exact_match
@@ -395,11 +442,12 @@ def run_experiment(args: ExperimentArguments) -> Path:
         for method in args.method_list()
         for rank in ([0] if method == "full" else args.rank_list())
     ]
+    check_protocol(args, out)
     done = _done(results)
     todo = [r for r in runs if _run_id(r[2], r[3], r[1], r[0]) not in done]
     logger.info("%d runs, %d already done, %d to go", len(runs), len(runs) - len(todo), len(todo))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    atomic_write_text(out / "args.json", json.dumps(dataclasses.asdict(args), indent=1))
     if not todo:
         return results
     t0 = time.perf_counter()
@@ -407,16 +455,17 @@ def run_experiment(args: ExperimentArguments) -> Path:
     base.eval()
     eval_tasks = [*args.task_list(), *[t for t in args.probe_list() if t not in args.task_list()]]
     evals = {_task_name(t): _examples(t, "test", args.eval_examples) for t in eval_tasks}
-    vanilla_path = out / "vanilla.json"
-    vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else None
-    if vanilla is None or set(vanilla["acc"]) != set(evals):
-        vanilla = {
-            "acc": {t: accuracy(base, tokenizer, ex) for t, ex in evals.items()},
-            "exact_match": (
-                {t: exact_match(base, tokenizer, ex) for t, ex in evals.items()} if args.generative else None
-            ),
-        }
-        vanilla_path.write_text(json.dumps(vanilla, indent=1))
+    vanilla_path = out / "vanilla.json"  # per task, kept across invocations (one protocol per folder)
+    vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else {"acc": {}, "exact_match": None}
+    missing = [t for t in evals if t not in vanilla["acc"]]
+    if missing:
+        vanilla["acc"].update({t: accuracy(base, tokenizer, evals[t]) for t in missing})
+        if args.generative:
+            vanilla["exact_match"] = {
+                **(vanilla["exact_match"] or {}),
+                **{t: exact_match(base, tokenizer, evals[t]) for t in missing},
+            }
+        atomic_write_text(vanilla_path, json.dumps(vanilla, indent=1))
     logger.info("model and vanilla evaluation: %.0f s", time.perf_counter() - t0)
     for i, (seed, task, method, rank) in enumerate(todo):
         record = run_one(base, tokenizer, args, method, rank, task, seed, evals)
@@ -442,7 +491,13 @@ def run_experiment(args: ExperimentArguments) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _mean_sd(values: list[float]) -> str:
+def _ood_change(row: dict) -> float | None:
+    if row.get("ood_acc") is None or row.get("vanilla_ood_acc") is None:
+        return None
+    return row["ood_acc"] - row["vanilla_ood_acc"]
+
+
+def _mean_sd(values: list[float | None]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
@@ -480,16 +535,19 @@ def write_report(out: str | Path) -> Path:
         "",
         f"{len(rows)} runs; budgets are LoRA ranks (`rank`): every sparse method trains exactly LoRA's parameter "
         "count at that rank; `full` trains everything. Accuracies in percent, mean ± standard deviation over "
-        "training tasks and seeds.",
+        "training tasks and seeds. `OOD Δ` is the OOD accuracy minus the vanilla model's on the same OOD sets "
+        "(negative: forgetting). Methods that ran on different training tasks (`tasks`) are compared fairly only "
+        "in the per-task tables below.",
         "",
-        "| method | rank | trainable | runs | ID acc | OOD acc | forget ratio | collapse rate |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | rank | trainable | runs | tasks | ID acc | OOD acc | OOD Δ | forget ratio | collapse rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in order:
         g = groups[key]
         lines.append(
             f"| {key[0]} | {key[1] or '-'} | {statistics.fmean(r['trainable'] for r in g):,.0f} | {len(g)} | "
-            f"{_mean_sd([r['id_acc'] for r in g])} | {_mean_sd([r['ood_acc'] for r in g])} | "
+            f"{len({r['train_task'] for r in g})} | {_mean_sd([r['id_acc'] for r in g])} | "
+            f"{_mean_sd([r['ood_acc'] for r in g])} | {_mean_sd([_ood_change(r) for r in g])} | "
             f"{_mean_sd([r['forget_ratio'] for r in g])} | {_mean_sd([r['collapse_rate'] for r in g])} |"
         )
     tasks = sorted({r["train_task"] for r in rows})
@@ -508,6 +566,22 @@ def write_report(out: str | Path) -> Path:
         lines.append(f"| {key[0]} | {key[1] or '-'} | " + " | ".join(cells) + " |")
     vanilla = {r["train_task"]: r["vanilla_id_acc"] for r in rows}
     lines.append("| vanilla | - | " + " | ".join(f"{100 * vanilla[t]:.1f}" for t in tasks) + " |")
+    lines += [
+        "",
+        "## OOD Δ per training task (OOD accuracy minus the vanilla model's, mean over seeds)",
+        "",
+        "| method | rank | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for key in order:
+        cells = [_mean_sd([_ood_change(r) for r in groups[key] if r["train_task"] == t]) for t in tasks]
+        lines.append(f"| {key[0]} | {key[1] or '-'} | " + " | ".join(cells) + " |")
+    vanilla_ood = {r["train_task"]: r["vanilla_ood_acc"] for r in rows}
+    lines.append(
+        "| (vanilla OOD acc) | - | "
+        + " | ".join("n/a" if vanilla_ood[t] is None else f"{100 * vanilla_ood[t]:.1f}" for t in tasks)
+        + " |"
+    )
     plots = _plots(groups, order, out)
     if plots:
         lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
@@ -528,14 +602,15 @@ def _plots(groups, order, out: Path) -> list[Path]:
     labels = [f"{m}" + (f" r{r}" if r else "") for m, r in order]
     fig, ax = plt.subplots(figsize=(7, 5))
     for (m, r), label in zip(order, labels):
-        g = groups[(m, r)]
-        x = statistics.fmean(x["ood_acc"] for x in g if x["ood_acc"] is not None) * 100
-        y = statistics.fmean(x["id_acc"] for x in g) * 100
+        changes = [c for c in map(_ood_change, groups[(m, r)]) if c is not None]
+        if not changes:
+            continue
+        x = statistics.fmean(changes) * 100
+        y = statistics.fmean(x["id_acc"] for x in groups[(m, r)]) * 100
         ax.scatter([x], [y], s=60, marker="*" if m == "gallop" else "o")
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    v = groups[order[0]][0]
-    ax.axvline(v["vanilla_ood_acc"] * 100, color="grey", lw=1, ls="--", label="vanilla OOD")
-    ax.set_xlabel("OOD accuracy (%)")
+    ax.axvline(0.0, color="grey", lw=1, ls="--", label="vanilla (no OOD change)")
+    ax.set_xlabel("OOD accuracy change vs vanilla (points; left of the line: forgetting)")
     ax.set_ylabel("ID accuracy (%)")
     ax.legend(fontsize=8)
     ax.set_title("ID vs OOD accuracy per method (mean over tasks and seeds)", fontsize=9)

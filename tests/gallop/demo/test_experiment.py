@@ -5,7 +5,15 @@ import json
 import pytest
 
 from gallop.demo.evaluate import collapse_rate, collapsed_tasks, forget_ratio
-from gallop.demo.experiment import ExperimentArguments, _done, check, metrics, run_experiment, write_report
+from gallop.demo.experiment import (
+    ExperimentArguments,
+    _done,
+    check,
+    check_protocol,
+    metrics,
+    run_experiment,
+    write_report,
+)
 
 
 def test_paper_metrics():
@@ -52,6 +60,31 @@ def test_resume_skips_finished_runs_and_ignores_a_cut_line(tmp_path):
     assert _done(tmp_path / "results.jsonl") == {"gallop|r2|parity|s0", "lora|r2|parity|s0"}
 
 
+@pytest.mark.parametrize("name, value", [("steps", 3), ("lr_sparse", 1e-3), ("eval_examples", 8), ("model", "x")])
+def test_resume_into_a_folder_of_other_settings_is_refused_before_anything_runs(tmp_path, name, value):
+    import dataclasses
+
+    before = ExperimentArguments(out=str(tmp_path))
+    (tmp_path / "args.json").write_text(json.dumps(dataclasses.asdict(before)))
+    (tmp_path / "results.jsonl").write_text('{"run_id": "gallop|r2|parity|s0"}\n')
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=f"--{name}: .* holds runs made with {name}="):
+        run_experiment(dataclasses.replace(before, **{name: value}))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # nothing touched
+    # growing the grid (other tasks, methods, ranks, seeds) under the same settings is allowed
+    check_protocol(dataclasses.replace(before, tasks="sentiment", methods="lora", ranks="4", seeds="5"), tmp_path)
+
+
+def test_resume_with_another_ood_set_for_a_trained_task_is_refused(tmp_path):
+    row = {"run_id": "gallop|r8|parity|s0", "train_task": "parity", "ood": {"sentiment": 1.0, "capitals": 1.0}}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    same = ExperimentArguments(tasks="parity,sentiment", probe_tasks="capitals", out=str(tmp_path))
+    check_protocol(same, tmp_path)
+    check_protocol(ExperimentArguments(tasks="compare", probe_tasks="capitals", out=str(tmp_path)), tmp_path)
+    with pytest.raises(ValueError, match=r"trained on 'parity' .* evaluated out of distribution on"):
+        check_protocol(ExperimentArguments(tasks="parity", probe_tasks="capitals", out=str(tmp_path)), tmp_path)
+
+
 def test_report_from_results(tmp_path):
     base = {
         "model": "m",
@@ -85,6 +118,8 @@ def test_report_from_results(tmp_path):
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     text = write_report(tmp_path).read_text()
     assert "| gallop | 2 |" in text and "| full | - |" in text and "forget ratio" in text
+    assert "| gallop | 2 | 10 | 2 | 2 | 90.0 ± 0.0 | 78.0 ± 0.0 | -2.0 ± 0.0 |" in text  # OOD Δ = 0.78 - 0.8
+    assert "| full | - | -2.0 | -2.0 |" not in text and "| full | - | -40.0 | -40.0 |" in text  # per-task table
     assert (tmp_path / "id_vs_ood.png").is_file() and (tmp_path / "forget_ratio.png").is_file()
 
 
