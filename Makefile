@@ -35,7 +35,8 @@ test: install
 	$(PYBIN) -m pytest -q
 
 # The fast suite against the lowest versions pyproject.toml allows (constraints-floors.txt), in its own venv: the
-# floors are facts, not guesses. CI runs it after the main suite.
+# floors are facts, not guesses. Not in CI (it installs a second venv and doubles the time): run it by hand
+# whenever a floor or constraints-floors.txt changes (last green: 595 passed, 2026-11-29).
 FLOORS := .venv-floors
 test-floors:
 	test -x $(FLOORS)/bin/python || $(PY) -m venv $(FLOORS)

@@ -262,7 +262,7 @@ def test_smollm2_finetune_gains_in_distribution(tmp_path):
     from gallop.demo.finetune import DataArguments, ModelArguments, SelectionArguments, finetune, training_defaults
 
     training = TrainingArguments(
-        **{**training_defaults(), "output_dir": str(tmp_path), "max_steps": 40, "disable_tqdm": True}
+        **{**training_defaults(), "output_dir": str(tmp_path), "max_steps": 24, "disable_tqdm": True}
     )
     m = finetune(
         ModelArguments(),
