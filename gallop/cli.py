@@ -94,7 +94,8 @@ def cmd_finetune(argv: Sequence[str]) -> int:
     model_args, data, sel, training = _parse(
         "finetune", (ModelArguments, DataArguments, SelectionArguments, TrainingArguments), argv, training_defaults()
     )
-    if training.output_dir is None:
+    # transformers >= 5 fills a missing --output_dir with "trainer_output" (in the current folder): ours is runs/
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         training.output_dir = default_output_dir(data)
     m = finetune(model_args, data, sel, training)
     _print_finetune(m, sel, training)

@@ -66,7 +66,7 @@ class DataArguments:
     messages_column: str = field(default="messages", metadata={"help": "the column holding chat messages"})
     max_length: int = field(default=512, metadata={"help": "truncate examples to this many tokens"})
     train_examples: int = field(default=256, metadata={"help": "training examples used (at most)"})
-    eval_examples: int = field(default=32, metadata={"help": "test examples per task (ID and each OOD task)"})
+    eval_examples: int = field(default=24, metadata={"help": "test examples per task (ID and each OOD task)"})
     ood_tasks: str = field(
         default="capitals,antonyms,plurals,sounds",
         metadata={
@@ -137,16 +137,16 @@ class SelectionArguments:
 
 
 def training_defaults() -> dict[str, Any]:
-    """The TrainingArguments defaults of ``gallop finetune`` (the demo: 60 steps of 8 examples at lr 3e-5)."""
+    """The TrainingArguments defaults of ``gallop finetune`` (the demo: 32 steps of 8 examples at lr 6e-5)."""
     import torch
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     defaults = dict(
         output_dir=None,
-        max_steps=60,
+        max_steps=32,
         per_device_train_batch_size=8,
-        learning_rate=3e-5,
+        learning_rate=6e-5,
         lr_scheduler_type="linear",
         max_grad_norm=1.0,
         weight_decay=0.0,

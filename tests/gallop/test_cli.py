@@ -70,6 +70,15 @@ def test_finetune_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.model
+def test_finetune_without_output_dir_writes_under_runs(tiny_model_dir, tmp_path, monkeypatch):
+    """transformers >= 5 fills a missing --output_dir with 'trainer_output' in the current folder; ours is runs/."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--model", str(tiny_model_dir), "--task", "parity", *QUICK, "--plot", "false"]) == 0
+    assert (tmp_path / "runs" / "finetune-parity" / "metrics.json").is_file()
+    assert not (tmp_path / "trainer_output").exists()
+
+
+@pytest.mark.model
 def test_finetune_on_a_chat_dataset_with_checkpoints_and_resume(tiny_model_dir, tmp_path):
     data = tmp_path / "chat.jsonl"
     rows = [
