@@ -237,7 +237,7 @@ def test_help_is_fast_and_shows_defaults():
         [sys.executable, "-m", "gallop.cli", "finetune", "--help"], capture_output=True, text=True, timeout=120
     )
     text = " ".join(res.stdout.split())  # argparse wraps the help text
-    assert "(default: 0.01)" in text and "(default: 3e-05)" in text and "(default: 60)" in text
+    assert "(default: 0.01)" in text and "(default: 6e-05)" in text and "(default: 32)" in text
 
 
 def test_hf_argument_parser_defaults():
@@ -249,7 +249,7 @@ def test_hf_argument_parser_defaults():
     parser.set_defaults(**training_defaults())
     model_args, data, sel, training = parser.parse_args_into_dataclasses(args=["--output_dir", "x"])
     assert (model_args.model, data.task, sel.density, sel.scorer) == ("smollm2", "sentiment", 0.01, "gallop")
-    assert (training.max_steps, training.learning_rate, training.per_device_train_batch_size) == (60, 3e-5, 8)
+    assert (training.max_steps, training.learning_rate, training.per_device_train_batch_size) == (32, 6e-5, 8)
 
 
 @pytest.mark.model
