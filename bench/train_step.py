@@ -103,6 +103,18 @@ def _peak_mib(device) -> float:
     return float("nan")
 
 
+def _current_mib(device) -> float:
+    """Memory held right after setup (model, method state, libraries): the part of the peak the step does not add."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def child(args) -> dict:
     """Set up one method, time its steps, report (runs in its own process)."""
     import torch
@@ -144,6 +156,7 @@ def child(args) -> dict:
             else SparseAdamW(run, lr=1e-4)
         )
     run.train()
+    setup_mib = _current_mib(device)
 
     def step():
         loss = run(**data).loss
@@ -175,6 +188,7 @@ def child(args) -> dict:
         "ms_per_step": ms,
         "tokens_per_s": batch * seq / (ms / 1e3),
         "peak_mib": _peak_mib(device),
+        "setup_mib": setup_mib,
         "trainable": trainable,
         "batch": batch,
         "seq": seq,
@@ -213,7 +227,7 @@ def parent(args) -> dict:
         results["methods"].append(row)
         print(
             f"{method:<24} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:9.0f} tokens/s "
-            f"{row['peak_mib']:9.0f} MiB peak  {row['trainable']:>13,} trainable",
+            f"{row['peak_mib']:9.0f} MiB peak ({row['setup_mib']:5.0f} after setup) {row['trainable']:>13,} trainable",
             flush=True,
         )
     by = {r["method"]: r for r in results["methods"] if "error" not in r}

@@ -259,7 +259,7 @@ def weight_grad_at(
         indices: 1-D int32/int64 flat indices into the ``[M, N]`` weight gradient, each in ``[0, M * N)``.
         check_indices: verify the index range first (one reduction, one device sync).
         path: ``dense`` (the GEMM ``G^T X`` in the inputs' dtype, then a gather: ``M*N*T`` multiply-adds),
-            ``sampled`` (a gather-dot over the tokens for the selected entries only: ``K*T``), or ``auto``
+            ``sampled`` (a sampled dense-dense product over the selected entries only: ``K*T``, fp32), or ``auto``
             (default): ``sampled`` when ``K`` is at most ``weight_grad.SAMPLED_MAX_DENSITY[device]`` of ``M*N``.
 
     Returns:

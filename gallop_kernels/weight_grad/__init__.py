@@ -36,8 +36,9 @@ def check_args(grad_output, input, indices, check_range: bool = True, path: str 
 
 PATHS = ("auto", "dense", "sampled")
 #: the sampled path is used at or below this fraction of a tensor's entries (``path="auto"``), per device type:
-#: measured crossover on a 2-core x86 CPU (docs/performance.md); CUDA keeps the dense cuBLAS path until measured
-SAMPLED_MAX_DENSITY = {"cpu": 0.004, "cuda": 0.0}
+#: the measured crossover on a 2-core x86 CPU is 10% of a tensor at 64 tokens and 25% at 1024 (docs/performance.md);
+#: CUDA keeps the dense cuBLAS path until measured
+SAMPLED_MAX_DENSITY = {"cpu": 0.1, "cuda": 0.0}
 
 
 def choose_path(path: str, k: int, m: int, n: int, device: torch.device) -> str:

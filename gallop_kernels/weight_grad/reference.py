@@ -1,20 +1,21 @@
 """Pure-PyTorch weight gradient of a linear layer at selected entries, by either path:
 
 * ``dense``: the dense product ``G^T X`` in the inputs' dtype (as torch's linear backward computes it), then a
-  gather. ``M * N * T`` multiply-adds on a GEMM: best when many entries are selected.
-* ``sampled``: only the selected entries, ``out[i] = sum_t G[t, r_i] * X[t, c_i]``, a gather-dot over the tokens in
-  chunks of entries. ``K * T`` multiply-adds but gathers: best when few are (below about 0.4% of a tensor on a CPU;
-  docs/performance.md has the crossover table).
+  gather. ``M * N * T`` multiply-adds on a GEMM.
+* ``sampled``: only the selected entries, ``out[i] = sum_t G[t, r_i] * X[t, c_i]``, as a sampled dense-dense
+  product (SDDMM: ``torch.sparse.sampled_addmm`` over a CSR pattern of the selected entries) in fp32. ``K * T``
+  multiply-adds, each entry one dot product of a row of ``G^T`` and a column of ``X``. On a CPU it beats the GEMM
+  at every density a GaLLoP selection has (docs/performance.md holds the crossover table).
 
 This is also what runs on CUDA today (no Triton kernel has been measured against cuBLAS yet). Inputs are assumed
-validated (``gallop_kernels.api``).
+validated (``gallop_kernels.api``): indices in range, any order, duplicates allowed.
 """
 
 from __future__ import annotations
 
-import torch
+import warnings
 
-SAMPLED_CHUNK = 4096  # entries per gather-dot chunk: bounds the [T, chunk] temporaries
+import torch
 
 
 def weight_grad_at(
@@ -29,14 +30,37 @@ def weight_grad_at(
     return dense.reshape(-1).index_select(0, indices).to(torch.float32)
 
 
+def _strictly_increasing(idx: torch.Tensor) -> bool:
+    return idx.numel() < 2 or not bool((idx[1:] <= idx[:-1]).any())
+
+
 def _sampled(g: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    n = x.shape[-1]
+    """SDDMM of ``G^T [M, T]`` and ``X [T, N]`` on the CSR pattern of ``indices``, in fp32.
+
+    A CSR pattern needs sorted, unique column indices per row, which sorted unique flat indices give directly
+    (a SparseModel's always are); other index orders go through ``torch.unique`` and back.
+    """
+    m, n = g.shape[-1], x.shape[-1]
     idx = indices.to(torch.int64)
-    rows, cols = idx // n, idx % n
-    out = torch.empty(idx.numel(), dtype=torch.float32, device=g.device)
-    for s in range(0, idx.numel(), SAMPLED_CHUNK):
-        r, c = rows[s : s + SAMPLED_CHUNK], cols[s : s + SAMPLED_CHUNK]
-        prod = g.index_select(1, r).float()  # [T, chunk], a fresh tensor: multiplied in place
-        prod.mul_(x.index_select(1, c))
-        torch.sum(prod, 0, out=out[s : s + SAMPLED_CHUNK])
-    return out
+    inverse = None
+    if not _strictly_increasing(idx):
+        idx, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+    k = idx.numel()
+    if k == 0 or g.shape[0] == 0:
+        out = torch.zeros(k, dtype=torch.float32, device=g.device)
+        return out if inverse is None else out[inverse]
+    rows = torch.div(idx, n, rounding_mode="floor")
+    crow = torch.zeros(m + 1, dtype=torch.int64, device=g.device)
+    torch.cumsum(torch.bincount(rows, minlength=m), 0, out=crow[1:])
+    # Each entry is a dot product over the tokens of a row of mat1 and a column of mat2: hand them over
+    # token-contiguous (G^T row-major, X column-major; strided reads cost more than these two copies) and in fp32
+    # (sampled_addmm has no bf16/fp16 kernel, and fp32 accumulation is this path's contract).
+    mat1 = g.t().to(torch.float32).contiguous()
+    mat2 = x.t().to(torch.float32).contiguous().t()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            crow, idx - rows * n, torch.zeros(k, dtype=torch.float32, device=g.device), (m, n), check_invariants=False
+        )
+        out = torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
+    return out if inverse is None else out[inverse]

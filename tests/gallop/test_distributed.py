@@ -4,7 +4,9 @@ deltas' gradients (2 ranks on half batches = 1 process on the full batch), and m
 Two CPU processes with the gloo backend, spawned once per kernel backend; every scenario runs in that one spawn.
 """
 
+import gc
 import os
+import time
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("backend")
 
 WORLD = 2
 LR = 1e-2
+DEADLINE_S = 300  # both ranks together take about 20 s; a hang fails the test instead of stalling CI
 
 
 def _calibration():
@@ -69,12 +72,24 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
             result["mismatch"] = str(e)
         result["other_untouched"] = all(p.requires_grad for p in other.parameters())
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        # Tear DDP down while the process group is alive. Otherwise the reducer, freed when this function returns,
+        # drops the group's last reference and gloo's destructor joins a worker thread that waits for the GIL
+        # this thread holds: a deadlock (seen with the Python comm hook above).
+        del ddp, opt, sparse
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    ctx = mp.spawn(_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within {DEADLINE_S} s (a hang in torch.distributed)")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     # one process on all the data

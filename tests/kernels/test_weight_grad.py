@@ -56,6 +56,22 @@ def test_leading_dimensions_and_transposed_layout(backend, device, path):
     torch.testing.assert_close(gk.weight_grad_at(x, dy, idx, path=path), dense.t().reshape(-1)[idx])
 
 
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "duplicates"])
+def test_sampled_path_takes_indices_in_any_order(backend, device, order):
+    """The sampled path builds a CSR pattern, which needs sorted unique indices: any other order gives the same
+    entries, in the order asked for."""
+    gen = torch.Generator().manual_seed(_seed("order", order))
+    dy, x = torch.randn(9, 13, generator=gen), torch.randn(9, 11, generator=gen)
+    idx = torch.randperm(13 * 11, generator=gen)[:40]
+    if order == "sorted":
+        idx = idx.sort().values
+    elif order == "duplicates":
+        idx = torch.cat([idx, idx[:7], idx[3:5]])
+    want = (dy.t() @ x).reshape(-1)[idx]
+    got = gk.weight_grad_at(dy.to(device), x.to(device), idx.to(device), path="sampled")
+    _assert_close(got, want, dy, x, idx, torch.float32)
+
+
 def test_zeros_ties_and_huge_tiny_values(backend, device):
     dy = torch.tensor([[0.0, 1e30, -1e-30], [0.0, 1e30, 1e-30]])
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
@@ -69,7 +85,9 @@ def test_auto_picks_the_sampled_path_for_sparse_tensors(monkeypatch):
 
     cpu = torch.device("cpu")
     assert weight_grad.choose_path("auto", 10, 100, 100, cpu) == "sampled"  # 0.1%
-    assert weight_grad.choose_path("auto", 100, 100, 100, cpu) == "dense"  # 1%
+    assert weight_grad.choose_path("auto", 100, 100, 100, cpu) == "sampled"  # 1%
+    assert weight_grad.choose_path("auto", 5000, 100, 100, cpu) == "dense"  # 50%
+    assert weight_grad.choose_path("auto", 10, 100, 100, torch.device("cuda")) == "dense"  # not measured there yet
     assert weight_grad.choose_path("dense", 1, 100, 100, cpu) == "dense"
     calls = []
     monkeypatch.setattr(weight_grad, "weight_grad_at", lambda g, x, i, path: calls.append(path) or torch.zeros(1))
