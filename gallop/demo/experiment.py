@@ -194,6 +194,21 @@ def lora_trainable(model, rank: int) -> int:
     return sum(rank * (p.shape[0] + p.shape[1]) for p in eligible_parameters(model).values())
 
 
+def check_budgets(model, args: ExperimentArguments) -> None:
+    """Every rank's budget fits the model: refuses, before any evaluation or training, a rank whose LoRA parameter
+    count (the sparse methods' ``k``) exceeds the model's eligible weights."""
+    from gallop import GallopConfig, eligible_parameters
+
+    eligible = sum(p.numel() for p in eligible_parameters(model, GallopConfig()).values())
+    per_rank = lora_trainable(model, 1)
+    for rank in args.rank_list():
+        if rank * per_rank > eligible:
+            raise ValueError(
+                f"--ranks: rank {rank} sets a budget of {rank * per_rank:,} entries, more than the {eligible:,} "
+                f"eligible weights of {args.model}; use ranks of at most {eligible // per_rank}"
+            )
+
+
 def _reset_peak_memory(device) -> None:
     import torch
 
@@ -453,6 +468,7 @@ def run_experiment(args: ExperimentArguments) -> Path:
     t0 = time.perf_counter()
     base, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     base.eval()
+    check_budgets(base, args)
     eval_tasks = [*args.task_list(), *[t for t in args.probe_list() if t not in args.task_list()]]
     evals = {_task_name(t): _examples(t, "test", args.eval_examples) for t in eval_tasks}
     vanilla_path = out / "vanilla.json"  # per task, kept across invocations (one protocol per folder)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from gallop import eligible_parameters
 from gallop.demo.evaluate import collapse_rate, collapsed_tasks, forget_ratio
 from gallop.demo.experiment import (
     ExperimentArguments,
@@ -45,6 +46,19 @@ def test_metrics_of_a_run():
 def test_bad_input_fails_clearly(kwargs, match):
     with pytest.raises(ValueError, match=match):
         check(ExperimentArguments(**kwargs))
+
+
+def test_a_budget_larger_than_the_model_is_refused():
+    from gallop.demo.experiment import check_budgets, lora_trainable
+
+    from ...models import tiny
+
+    model = tiny("llama")
+    eligible = sum(p.numel() for p in eligible_parameters(model).values())
+    top = eligible // lora_trainable(model, 1)
+    check_budgets(model, ExperimentArguments(ranks=f"1,{top}"))
+    with pytest.raises(ValueError, match=f"rank {top + 1} sets a budget of .* use ranks of at most {top}"):
+        check_budgets(model, ExperimentArguments(ranks=f"2,{top + 1}"))
 
 
 def test_a_task_file_without_choices_is_refused(tmp_path):
