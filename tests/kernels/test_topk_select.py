@@ -124,7 +124,7 @@ def test_int64_index_path(monkeypatch):
     monkeypatch.setattr(reference, "CHUNK", 16)
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(49, generator=gen), torch.randn(50, generator=gen), torch.randn(77, generator=gen)]
-    grads = [torch.randn_like(w) for w in weights]
+    grads = [torch.randn(w.shape, generator=gen) for w in weights]
     got = gk.select_topk(grads, weights, 60)
     assert [g.dtype for g in got] == [torch.int32, torch.int64, torch.int64]
     want = brute_force_topk(grads, weights, 60)
