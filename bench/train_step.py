@@ -8,8 +8,10 @@ Methods: ``full`` (torch AdamW over every parameter, fused on CUDA), ``lora`` (p
 ``gallop-1%`` and ``gallop-0.1%`` (SparseAdamW, the fused step) and ``gallop-1%-torch-adamw`` (the same deltas
 stepped by torch's AdamW, to show what the fused step buys). Each method runs in a fresh child process: the median
 step time after warm-up, tokens per second, and the peak memory (the process's RSS high-water mark after setup on
-the CPU, ``max_memory_allocated`` on CUDA). Writes ``train_step.json`` and ``train_step.png`` to ``--out``; ratios
-against LoRA and full fine-tuning are the figures that carry over between machines.
+the CPU, ``max_memory_allocated`` on CUDA). ``--repeats N`` runs every method N times, interleaved so that a slow
+spell of a shared machine hits every method alike, and reports the medians. Writes ``train_step.json`` and
+``train_step.png`` to ``--out``; ratios against LoRA and full fine-tuning are the figures that carry over between
+machines.
 """
 
 from __future__ import annotations
@@ -196,40 +198,64 @@ def child(args) -> dict:
     }
 
 
+def _run_child(args, method: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--method",
+        method,
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if res.returncode != 0:
+        print(res.stderr[-3000:], file=sys.stderr)
+        return {"method": method, "error": res.stderr.strip().splitlines()[-1][:300]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _combine(rounds: list[dict]) -> dict:
+    """One method's figures over the repeats: the median step time and peak, each repeat's kept beside them."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[0]
+    row = dict(ok[0])
+    row["ms_per_step"] = statistics.median(r["ms_per_step"] for r in ok)
+    row["tokens_per_s"] = row["batch"] * row["seq"] / (row["ms_per_step"] / 1e3)
+    row["peak_mib"] = statistics.median(r["peak_mib"] for r in ok)
+    row["setup_mib"] = statistics.median(r["setup_mib"] for r in ok)
+    row["repeats_ms_per_step"] = [r["ms_per_step"] for r in ok]
+    return row
+
+
 def parent(args) -> dict:
     import torch
 
-    results = {"shape": args.shape, "device": args.device, "torch": torch.__version__, "methods": []}
-    for method in args.methods.split(","):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            "--method",
-            method,
-            "--shape",
-            args.shape,
-            "--device",
-            args.device,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-        ]
-        if args.gradient_checkpointing:
-            cmd.append("--gradient-checkpointing")
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if res.returncode != 0:
-            print(res.stderr[-3000:], file=sys.stderr)
-            results["methods"].append({"method": method, "error": res.stderr.strip().splitlines()[-1][:300]})
-            continue
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        results["methods"].append(row)
-        print(
-            f"{method:<24} {row['ms_per_step']:9.1f} ms/step {row['tokens_per_s']:9.0f} tokens/s "
-            f"{row['peak_mib']:9.0f} MiB peak ({row['setup_mib']:5.0f} after setup) {row['trainable']:>13,} trainable",
-            flush=True,
-        )
+    methods = args.methods.split(",")
+    results = {"shape": args.shape, "device": args.device, "torch": torch.__version__, "repeats": args.repeats}
+    rounds: dict[str, list[dict]] = {m: [] for m in methods}
+    # methods interleaved within each repeat, so a slow spell of a shared machine hits every method alike
+    for repeat in range(args.repeats):
+        for method in methods:
+            row = _run_child(args, method)
+            rounds[method].append(row)
+            if "error" not in row:
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {method:<24} {row['ms_per_step']:9.1f} ms/step "
+                    f"{row['tokens_per_s']:9.0f} tokens/s {row['peak_mib']:9.0f} MiB peak "
+                    f"({row['setup_mib']:5.0f} after setup) {row['trainable']:>13,} trainable",
+                    flush=True,
+                )
+    results["methods"] = [_combine(rounds[m]) for m in methods]
     by = {r["method"]: r for r in results["methods"] if "error" not in r}
     for r in results["methods"]:
         if "error" in r:
@@ -238,6 +264,17 @@ def parent(args) -> dict:
             if ref in by:
                 r[f"speed_vs_{ref}"] = r["tokens_per_s"] / by[ref]["tokens_per_s"]
                 r[f"memory_vs_{ref}"] = r["peak_mib"] / by[ref]["peak_mib"]
+    print(f"median over {args.repeats} repeat(s):")
+    for r in results["methods"]:
+        if "error" in r:
+            print(f"{r['method']:<24} error: {r['error']}")
+            continue
+        ratios = " ".join(
+            f"{r[f'speed_vs_{ref}']:5.2f}x {ref} speed, {r[f'memory_vs_{ref}']:5.2f}x {ref} memory;"
+            for ref in ("lora", "full")
+            if f"speed_vs_{ref}" in r
+        )
+        print(f"{r['method']:<24} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:7.0f} tokens/s {ratios}")
     return results
 
 
@@ -272,6 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="run every method this many times, interleaved")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--profile", default=None, help=argparse.SUPPRESS)

@@ -598,12 +598,38 @@ def write_report(out: str | Path) -> Path:
         + " | ".join("n/a" if vanilla_ood[t] is None else f"{100 * vanilla_ood[t]:.1f}" for t in tasks)
         + " |"
     )
+    lines += _per_ood_task_table(groups, order, out)
     plots = _plots(groups, order, out)
     if plots:
         lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _per_ood_task_table(groups, order, out: Path) -> list[str]:
+    """Accuracy change per evaluation task, over the runs where it was OOD: forgetting shows task by task here
+    (a knowledge probe the vanilla model already answers loses points) where the mean OOD change hides it behind
+    the gains that learning the answer format brings to every task."""
+    path = out / "vanilla.json"
+    if not path.is_file():
+        return []
+    vanilla = json.loads(path.read_text(encoding="utf-8")).get("acc", {})
+    tasks = sorted({t for g in groups.values() for r in g for t in r.get("ood", {}) if t in vanilla})
+    if not tasks:
+        return []
+    lines = [
+        "",
+        "## Accuracy change per OOD task (accuracy minus the vanilla model's, mean over the runs where it is OOD)",
+        "",
+        "| method | rank | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for key in order:
+        cells = [_mean_sd([r["ood"][t] - vanilla[t] for r in groups[key] if t in r.get("ood", {})]) for t in tasks]
+        lines.append(f"| {key[0]} | {key[1] or '-'} | " + " | ".join(cells) + " |")
+    lines.append("| (vanilla acc) | - | " + " | ".join(f"{100 * vanilla[t]:.1f}" for t in tasks) + " |")
+    return lines
 
 
 def _plots(groups, order, out: Path) -> list[Path]:

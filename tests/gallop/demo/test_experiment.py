@@ -112,7 +112,6 @@ def test_report_from_results(tmp_path):
         "vanilla_id_acc": 0.5,
         "vanilla_ood_acc": 0.8,
         "collapse_rate": 0.0,
-        "ood": {},
     }
     rows = []
     for method, rank, id_acc, ood in (("gallop", 2, 0.9, 0.78), ("lora", 2, 0.95, 0.6), ("full", 0, 1.0, 0.4)):
@@ -126,14 +125,19 @@ def test_report_from_results(tmp_path):
                     "train_task": task,
                     "id_acc": id_acc,
                     "ood_acc": ood,
+                    "ood": {"capitals": ood, ("compare" if task == "parity" else "parity"): 0.5},
                     "forget_ratio": forget_ratio(0.8, ood),
                 }
             )
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "vanilla.json").write_text(json.dumps({"acc": {"capitals": 0.8, "compare": 0.5, "parity": 0.25}}))
     text = write_report(tmp_path).read_text()
     assert "| gallop | 2 |" in text and "| full | - |" in text and "forget ratio" in text
     assert "| gallop | 2 | 10 | 2 | 2 | 90.0 ± 0.0 | 78.0 ± 0.0 | -2.0 ± 0.0 |" in text  # OOD Δ = 0.78 - 0.8
     assert "| full | - | -2.0 | -2.0 |" not in text and "| full | - | -40.0 | -40.0 |" in text  # per-task table
+    # per OOD task: capitals moved by ood - 0.8; compare (OOD when training on parity) by 0; parity by +25 points
+    assert "| method | rank | capitals | compare | parity |" in text
+    assert "| lora | 2 | -20.0 ± 0.0 | 0.0 | 25.0 |" in text and "| (vanilla acc) | - | 80.0 | 50.0 | 25.0 |" in text
     assert (tmp_path / "id_vs_ood.png").is_file() and (tmp_path / "forget_ratio.png").is_file()
 
 
