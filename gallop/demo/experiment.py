@@ -567,13 +567,7 @@ def write_report(out: str | Path) -> Path:
             f"{_mean_sd([r['forget_ratio'] for r in g])} | {_mean_sd([r['collapse_rate'] for r in g])} |"
         )
     tasks = sorted({r["train_task"] for r in rows})
-    lines += [
-        "",
-        "## ID accuracy per training task (mean over seeds)",
-        "",
-        "| method | rank | " + " | ".join(tasks) + " |",
-        "|---|---|" + "---|" * len(tasks),
-    ]
+    lines += _table_head("ID accuracy per training task (mean over seeds)", tasks)
     for key in order:
         cells = []
         for t in tasks:
@@ -582,13 +576,7 @@ def write_report(out: str | Path) -> Path:
         lines.append(f"| {key[0]} | {key[1] or '-'} | " + " | ".join(cells) + " |")
     vanilla = {r["train_task"]: r["vanilla_id_acc"] for r in rows}
     lines.append("| vanilla | - | " + " | ".join(f"{100 * vanilla[t]:.1f}" for t in tasks) + " |")
-    lines += [
-        "",
-        "## OOD Δ per training task (OOD accuracy minus the vanilla model's, mean over seeds)",
-        "",
-        "| method | rank | " + " | ".join(tasks) + " |",
-        "|---|---|" + "---|" * len(tasks),
-    ]
+    lines += _table_head("OOD Δ per training task (OOD accuracy minus the vanilla model's, mean over seeds)", tasks)
     for key in order:
         cells = [_mean_sd([_ood_change(r) for r in groups[key] if r["train_task"] == t]) for t in tasks]
         lines.append(f"| {key[0]} | {key[1] or '-'} | " + " | ".join(cells) + " |")
@@ -607,6 +595,11 @@ def write_report(out: str | Path) -> Path:
     return path
 
 
+def _table_head(title: str, tasks: list[str]) -> list[str]:
+    """A report section's heading and the header of its method x task table."""
+    return ["", f"## {title}", "", "| method | rank | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+
+
 def _per_ood_task_table(groups, order, out: Path) -> list[str]:
     """Accuracy change per evaluation task, over the runs where it was OOD: forgetting shows task by task here
     (a knowledge probe the vanilla model already answers loses points) where the mean OOD change hides it behind
@@ -618,13 +611,9 @@ def _per_ood_task_table(groups, order, out: Path) -> list[str]:
     tasks = sorted({t for g in groups.values() for r in g for t in r.get("ood", {}) if t in vanilla})
     if not tasks:
         return []
-    lines = [
-        "",
-        "## Accuracy change per OOD task (accuracy minus the vanilla model's, mean over the runs where it is OOD)",
-        "",
-        "| method | rank | " + " | ".join(tasks) + " |",
-        "|---|---|" + "---|" * len(tasks),
-    ]
+    lines = _table_head(
+        "Accuracy change per OOD task (accuracy minus the vanilla model's, mean over the runs where it is OOD)", tasks
+    )
     for key in order:
         cells = [_mean_sd([r["ood"][t] - vanilla[t] for r in groups[key] if t in r.get("ood", {})]) for t in tasks]
         lines.append(f"| {key[0]} | {key[1] or '-'} | " + " | ".join(cells) + " |")
