@@ -94,15 +94,20 @@ def _peak_reset(device) -> None:
             pass
 
 
+def _status_mib(key: str) -> float:
+    """A ``/proc/self/status`` figure (``VmHWM``, ``VmRSS``) in MiB, NaN where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _peak_mib(device) -> float:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mib("VmHWM")
 
 
 def _current_mib(device) -> float:
@@ -111,10 +116,7 @@ def _current_mib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mib("VmRSS")
 
 
 def child(args) -> dict:

@@ -5,7 +5,7 @@
 * ``sampled``: only the selected entries, ``out[i] = sum_t G[t, r_i] * X[t, c_i]``, as a sampled dense-dense
   product (SDDMM: ``torch.sparse.sampled_addmm`` over a CSR pattern of the selected entries) in fp32. ``K * T``
   multiply-adds, each entry one dot product of a row of ``G^T`` and a column of ``X``. On a CPU it beats the GEMM
-  at every density a GaLLoP selection has (docs/performance.md holds the crossover table).
+  up to about 10% of a tensor at 64 tokens and 25% at 1024 (docs/performance.md holds the crossover table).
 
 This is also what runs on CUDA today (no Triton kernel has been measured against cuBLAS yet). Inputs are assumed
 validated (``gallop_kernels.api``): indices in range, any order, duplicates allowed.
