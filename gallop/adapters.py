@@ -179,6 +179,29 @@ def _folder_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def check_writable_folder(directory: PathLike, argument: str = "directory") -> None:
+    """Raise (ValueError naming ``argument``) unless ``directory`` is, or can be created as, a writable folder.
+
+    Nothing is left behind: the nearest existing ancestor is probed by creating and removing a temporary folder in
+    it (which also catches a read-only file system, where permission bits say nothing).
+    """
+    path = Path(directory).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{argument} {str(directory)!r} exists and is a file; pass a folder path")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{argument} {str(directory)!r} cannot be created: {str(ancestor)!r} is a file")
+    try:
+        tempfile.TemporaryDirectory(dir=ancestor, prefix=".gallop-probe-").cleanup()
+    except OSError as e:
+        raise ValueError(
+            f"{argument} {str(directory)!r} is not writable ({e.strerror} in {str(ancestor)!r}); pass a folder you "
+            f"can write to"
+        ) from None
+
+
 def prepare_folder(directory: PathLike) -> Path:
     """Check that ``directory`` can hold an adapter (creating it); raises ValueError naming it otherwise."""
     directory = Path(directory)
@@ -230,7 +253,7 @@ def write_adapter(
             "data_sha256": _data_sha256(data),
         }
     )
-    text = json.dumps(config, indent=1, sort_keys=False)
+    text = json.dumps(config, indent=1, sort_keys=False, allow_nan=False)  # strict JSON
     directory = prepare_folder(directory)
     with _folder_lock(directory):
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, MODEL_CARD):  # left by a killed save (we hold the lock)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -157,15 +158,24 @@ def only_these_require_grad(
             m.training = mode
 
 
-def _check_args(max_batches, reduction: str, accumulate: str) -> None:
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+def _check_args(batches: Any, max_batches: Any, reduction: str, accumulate: str) -> int | None:
+    """Validate mean_gradients' arguments; returns ``max_batches`` as a Python int (or None)."""
+    if isinstance(batches, (Mapping, torch.Tensor)):
+        raise TypeError(
+            f"batches must be an iterable of batches (a DataLoader, a list of dicts), got one "
+            f"{type(batches).__name__}; to calibrate on a single batch pass [batch]"
+        )
+    if max_batches is not None:
+        if isinstance(max_batches, torch.Tensor) and max_batches.numel() == 1 and not max_batches.is_floating_point():
+            max_batches = max_batches.item()
+        if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1:
+            raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        max_batches = int(max_batches)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {accumulate!r}")
+    return max_batches
 
 
 def mean_gradients(
@@ -218,7 +228,7 @@ def mean_gradients(
     from .progress import progress_bar
 
     config = config or GallopConfig()
-    _check_args(max_batches, reduction, accumulate)
+    max_batches = _check_args(batches, max_batches, reduction, accumulate)
     loss_fn = loss_fn or (per_example_loss if reduction == "example" else default_loss)
     eligible = eligible_parameters(model, config)
     device = next(model.parameters()).device

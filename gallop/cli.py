@@ -151,6 +151,9 @@ def cmd_select(argv: Sequence[str]) -> int:
         "select", (ModelArguments, DataArguments, SelectionArguments, SelectArguments), argv
     )
     config = sel.config(args.seed)
+    for name in ("calib_examples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive int, got {getattr(args, name)}")
     if data.task not in TASKS:
         raise ValueError(f"--task must be a built-in task ({', '.join(TASKS)}), got {data.task!r}")
     t0 = time.perf_counter()
@@ -196,6 +199,21 @@ def _print_groups(title: str, groups) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ eval / merge / export
+def _check_adapter(value: str, flag: str = "--adapter") -> None:
+    """Read a local adapter folder before any model loads (a Hub id, ``owner/name``, is fetched later)."""
+    from pathlib import Path
+
+    from .adapters import read_adapter
+
+    path = Path(value).expanduser()
+    if path.exists() or value.startswith((".", "/", "~")) or value.count("/") != 1:
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{flag} {value!r} is not a folder: pass an adapter folder or a Hub id (owner/name)"
+            )
+        read_adapter(path)  # raises naming the folder and what is wrong
+
+
 @dataclass
 class EvalArguments:
     adapter: str | None = field(default=None, metadata={"help": "a gallop adapter folder (or Hub id) to apply"})
@@ -219,6 +237,8 @@ def cmd_eval(argv: Sequence[str]) -> int:
         raise ValueError(f"--tasks names unknown tasks {unknown}; built-in tasks: {', '.join(TASKS)}")
     if args.examples < 1:
         raise ValueError(f"--examples must be a positive int, got {args.examples}")
+    if args.adapter:
+        _check_adapter(args.adapter)
     model, tok = load_model(
         model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
     )
@@ -241,15 +261,14 @@ class AdapterArguments:
 
 
 def cmd_merge(argv: Sequence[str]) -> int:
-    from pathlib import Path
-
+    from .adapters import check_writable_folder
     from .demo.finetune import ModelArguments
     from .models import load_model
     from .sparse import SparseModel
 
     model_args, args = _parse("merge", (ModelArguments, AdapterArguments), argv)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out!r} is a file; pass a folder path")
+    check_writable_folder(args.out, "--out")
+    _check_adapter(args.adapter)
     model, tok = load_model(
         model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
     )
@@ -266,11 +285,14 @@ class ExportArguments:
 
 
 def cmd_export(argv: Sequence[str]) -> int:
+    from .adapters import check_writable_folder
     from .demo.finetune import ModelArguments
     from .models import load_model
     from .peft_export import export_peft
 
     model_args, args, _ = _parse("export", (ModelArguments, AdapterArguments, ExportArguments), argv)
+    check_writable_folder(args.out, "--out")
+    _check_adapter(args.adapter)
     model, _tok = load_model(
         model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
     )

@@ -52,13 +52,13 @@ class GallopConfig:
         self.density = _real("density", self.density)
         if not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density!r}")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of the strings {', '.join(SCORERS)}, got {self.scorer!r}")
         self.eps = _real("eps", self.eps)
         if self.eps < 0:
             raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if not isinstance(self.budget, str) or self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of the strings {', '.join(BUDGETS)}, got {self.budget!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +166,41 @@ def to_example(
     )
 
 
+def check_dataset_spec(spec: str, argument: str = "spec") -> None:
+    """Refuse (before anything loads) a dataset spec that names a local file that is missing, empty or of an unknown
+    type; anything that looks like a Hub id (``owner/name``, no file suffix) passes. The error names ``argument``."""
+    path = Path(spec).expanduser()
+    if not spec.strip():
+        raise ValueError(f"{argument} is empty: pass a .json/.jsonl/.csv/.parquet file or folder, or a Hub dataset id")
+    if not path.exists():
+        if spec.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS or spec.count("/") > 1:
+            raise FileNotFoundError(
+                f"{argument} {spec!r} does not exist (relative paths are from {os.getcwd()!r}); a Hub dataset id "
+                f"looks like 'owner/name'"
+            )
+        return
+    if path.is_file():
+        if path.suffix.lower() not in _FILE_BUILDERS:
+            raise ValueError(
+                f"{argument} {spec!r}: unknown file type {path.suffix!r}; use one of {', '.join(_FILE_BUILDERS)}"
+            )
+        if _only_whitespace(path):
+            raise ValueError(f"{argument} {spec!r} is an empty file (nothing but whitespace): it has no records")
+
+
+def _only_whitespace(path: Path) -> bool:
+    """Whether the file holds nothing but whitespace (reads until the first other byte: one block for real data)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return False
+    return True
+
+
 def load_records(spec: str, split: str = "train", **kwargs: Any) -> list[dict]:
     """Rows of a dataset: a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file or folder, or a Hub dataset id,
     through ``datasets.load_dataset`` (``kwargs`` are passed on, e.g. ``name=`` or ``revision=``)."""
+    check_dataset_spec(spec)
     try:
         import datasets
     except ImportError:
@@ -181,7 +214,12 @@ def load_records(spec: str, split: str = "train", **kwargs: Any) -> list[dict]:
             ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
         else:
             ds = datasets.load_dataset(spec, split=split, **kwargs)
-    except (FileNotFoundError, ValueError, json.JSONDecodeError, datasets.exceptions.DatasetNotFoundError) as e:
+    except (
+        OSError,
+        ValueError,
+        json.JSONDecodeError,
+        datasets.exceptions.DatasetNotFoundError,
+    ) as e:  # OSError: offline
         raise ValueError(f"cannot load the dataset {spec!r} (split {split!r}): {e}") from None
     return [dict(r) for r in ds]
 

@@ -13,7 +13,8 @@ Its gradient comes from autograd:
   entries. That computes the module's dense weight gradient, once, for that tensor only.
 
 The module's ``forward`` is replaced on the instance (``install``) and restored by ``uninstall``; its state dict
-keys, type and weights are unchanged.
+keys (the delta is left out of them: it is the SparseModel's state), type and weights are unchanged. ``guard``
+makes a module refuse dtype casts, which would round the fp32 deltas and bases.
 """
 
 from __future__ import annotations
@@ -174,20 +175,75 @@ def has_own_forward(module: nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
+def _drop_delta_key(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """A selected module's state dict stays the model's own (what transformers' ``save_pretrained`` writes): the
+    delta belongs to the SparseModel's state dict, and the weight already holds ``cast(base + delta)``."""
+    state_dict.pop(prefix + DELTA, None)
+
+
+def _delta_key_not_missing(module: nn.Module, incompatible_keys: Any) -> None:
+    """The other half: loading the model's own state dict does not report the delta as a missing key."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k.rpartition(".")[2] != DELTA]
+
+
+def check_keeps_dtypes(fn: Any, device: torch.device, what: str = "a SparseModel's model") -> None:
+    """Raise (before anything changes) if the ``nn.Module._apply`` function ``fn`` changes a floating dtype: the
+    deltas and bases must stay fp32 and the weights their dtype, or training would continue on rounded state."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if fn(torch.empty(0, dtype=dtype, device=device)).dtype != dtype:
+            raise RuntimeError(
+                f"{what} keeps its weights' dtypes and fp32 deltas: this call would turn {dtype} into another "
+                f"dtype: cast the model before wrapping it, or call sparse.merge_and_unload() first and cast the "
+                f"plain model it returns"
+            )
+
+
+class _GuardedApply:
+    """The ``_apply`` a module holding GaLLoP state gets (on the instance, like ``_SparseForward``): device moves
+    pass, dtype casts (``.half()``, ``.to(torch.bfloat16)``) raise before any tensor is touched."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, fn, recurse: bool = True):
+        first = next(self.module.parameters(), None)
+        check_keeps_dtypes(fn, first.device if first is not None else torch.device("cpu"))
+        return type(self.module)._apply(self.module, fn, recurse)
+
+
+def guard(module: nn.Module) -> None:
+    """Make ``module`` (a selected module or one that contains one) refuse dtype casts; ``unguard`` undoes it."""
+    if "_apply" not in module.__dict__:
+        module.__dict__["_apply"] = _GuardedApply(module)
+
+
+def unguard(module: nn.Module) -> None:
+    if isinstance(module.__dict__.get("_apply"), _GuardedApply):
+        del module.__dict__["_apply"]
+
+
 def install(module: nn.Module, delta: nn.Parameter, indices: torch.Tensor, base: torch.Tensor) -> None:
     """Attach the delta state to ``module`` and route its forward through the sparse path."""
     module.register_parameter(DELTA, delta)
     module.register_buffer(INDICES, indices, persistent=False)
     module.register_buffer(BASE, base, persistent=False)
+    module.register_state_dict_post_hook(_drop_delta_key)
+    module.register_load_state_dict_post_hook(_delta_key_not_missing)
     module.forward = _SparseForward(module, kind_of(module))
 
 
 def uninstall(module: nn.Module) -> None:
-    """Undo ``install``: the module's own forward, no delta state."""
+    """Undo ``install``: the module's own forward, no delta state, no state-dict hooks."""
     module.__dict__.pop("forward", None)
     for name in (DELTA, INDICES, BASE):
         if hasattr(module, name):
             delattr(module, name)
+    for hooks, ours in (
+        (module._state_dict_hooks, _drop_delta_key),
+        (module._load_state_dict_post_hooks, _delta_key_not_missing),
+    ):
+        for key in [k for k, h in hooks.items() if h is ours]:
+            del hooks[key]
 
 
 def is_installed(module: nn.Module) -> bool:

@@ -99,6 +99,25 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_local_folder(source: str, extra: dict) -> None:
+    """A local model folder holds a config and a tokenizer, or the error says which is missing (before loading)."""
+    folder = Path(source)
+    if "gguf_file" in extra or not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the model folder {source!r} has no config.json: pass a folder written by model.save_pretrained(...)"
+        )
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"the model folder {source!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside "
+            f"the model with tokenizer.save_pretrained({source!r})"
+        )
+
+
 def load_model(
     name_or_path: str = SMOLLM2,
     *,
@@ -130,6 +149,7 @@ def load_model(
             f"model {name_or_path!r} not found: pass 'smollm2', 'gemma3-270m', a local model folder, "
             f"a .gguf file or a Hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
         )
+    _check_local_folder(source, extra)
     extra.update(kwargs)
     if revision is not None:
         extra["revision"] = revision

@@ -56,8 +56,9 @@ class SparseAdamW(torch.optim.Optimizer):
     Args:
         params: a ``SparseModel``, or its ``parameters()`` / param groups. Either way the weights are written back
             right after each step (by the SparseModel's optimizer step post-hook).
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``. Decoupled weight decay shrinks the *delta*, so it
-            pulls the fine-tuned weights toward the pretrained ones, not toward zero.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``, except that ``eps`` must be > 0 (an entry whose
+            gradient is exactly 0 would otherwise divide 0 by 0 and write NaN). Decoupled weight decay shrinks the
+            *delta*, so it pulls the fine-tuned weights toward the pretrained ones, not toward zero.
         max_grad_norm: if set, clip the gradients to this global L2 norm before each step (like
             ``clip_grad_norm_``; leave it None when the training loop clips, as the Trainer does).
         nonfinite: what a step whose gradient holds NaN or Inf does: ``"skip"`` (default) leaves the deltas, the
@@ -90,7 +91,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 "argument"
             )
         lr = _number("lr", lr)
-        eps = _number("eps", eps)
+        eps = _number("eps", eps, low_open=True)  # > 0: the update divides by sqrt(v) + eps, and v can be 0
         weight_decay = _number("weight_decay", weight_decay)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
@@ -129,6 +130,8 @@ class SparseAdamW(torch.optim.Optimizer):
                     st["step"] = int(st["step"].item())
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict) and "eps" in param_group:  # a group's own eps obeys the constructor's rule
+            param_group = {**param_group, "eps": _number("param_group['eps']", param_group["eps"], low_open=True)}
         super().add_param_group(param_group)
         if hasattr(self, "_packed"):
             self._packed.clear()

@@ -198,6 +198,13 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
         raise ValueError(
             f"density={config.density} selects 0 of the {total:,} eligible entries; use density >= {1 / total:.3g}"
         )
+    if config.budget == "per_tensor":
+        largest = max(w.numel() for w in weights)
+        if int(config.density * largest) == 0:
+            raise ValueError(
+                f"density={config.density} with budget='per_tensor' selects floor(density * numel) = 0 entries in "
+                f"every tensor (the largest has {largest:,}); use density >= {1 / largest:.3g} or budget='global'"
+            )
     g_list = None
     if config.uses_gradients:
         if grads is None:

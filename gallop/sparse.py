@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import logging
 import math
+import numbers
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -291,7 +292,10 @@ class SparseModel(nn.Module):
         self._saved_flags = [(p, p.requires_grad) for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
-        self._targets = self._attach_targets(names, params, [i.to(device) for i in indices], owners, device)
+        self._targets = self._attach_targets(
+            names, params, [i.to(device).contiguous() for i in indices], owners, device
+        )
+        self._guarded = self._guard_modules()
         self._install_hooks()
         self.__class__ = _wrapper_class(type(model))  # type: ignore[arg-type]
 
@@ -316,6 +320,19 @@ class SparseModel(nn.Module):
         for t in targets:
             t.synced_version = t.delta._version
         return targets
+
+    def _guard_modules(self) -> list[nn.Module]:
+        """Every module that holds or contains a selected module refuses dtype casts (``layers.guard``)."""
+        named = dict(self._model.named_modules())
+        paths = {""}
+        for name, m in named.items():
+            if layers.is_installed(m):
+                parts = name.split(".") if name else []
+                paths.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+        modules = [named[p] for p in paths if p in named]
+        for m in modules:
+            layers.guard(m)
+        return modules
 
     def _install_hooks(self) -> None:
         """The write-back hooks on the model, the state-dict checks, and the global optimizer step hook."""
@@ -365,13 +382,7 @@ class SparseModel(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         if self.__dict__.get("_model") is None or self._unloaded:
             return super()._apply(fn, recurse)
-        device = self._targets[0].delta.device
-        for dtype in {torch.float32, *(t.weight.dtype for t in self._targets)}:
-            if fn(torch.empty(0, dtype=dtype, device=device)).dtype != dtype:
-                raise RuntimeError(
-                    f"a SparseModel keeps its weights' dtypes and fp32 deltas: cast the model before "
-                    f"wrapping it (this call would turn {dtype} into another dtype)"
-                )
+        layers.check_keeps_dtypes(fn, self._targets[0].delta.device, "a SparseModel")
         self._model._apply(fn, recurse)
         super()._apply(fn, recurse)
         self._reflatten()
@@ -404,6 +415,14 @@ class SparseModel(nn.Module):
     def _check_loaded_fingerprint(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        self._check_new_deltas(
+            {
+                t.name: state_dict[prefix + "deltas." + t.name]
+                for t in self._targets
+                if prefix + "deltas." + t.name in state_dict
+            },
+            "state_dict",
+        )
         key = prefix + "selection_fingerprint"
         if key in state_dict:
             loaded = int(state_dict[key].reshape(-1)[0])
@@ -413,6 +432,22 @@ class SparseModel(nn.Module):
                     f"this state dict was saved for another GaLLoP selection (fingerprint {loaded:014x}, "
                     f"this SparseModel has {mine:014x}): load it onto a SparseModel built with the same "
                     f"selection, e.g. SparseModel.from_pretrained on a saved adapter"
+                )
+
+    def _check_new_deltas(self, deltas: Mapping[str, torch.Tensor], argument: str) -> None:
+        """Refuse (before anything is copied) deltas that hold NaN or Inf, or whose merged value overflows an fp16
+        weight: loading them would put a non-finite value into the weights."""
+        by_name = {t.name: t for t in self._targets}
+        for name, d in deltas.items():
+            t = by_name[name]
+            if not isinstance(d, torch.Tensor) or d.numel() != t.delta.numel():
+                continue  # load_state_dict / load_deltas_ report the shape themselves
+            d = d.detach().reshape(-1).to(t.delta.device, torch.float32)
+            merged = (t.base + d).to(t.weight.dtype)
+            if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(merged).all())):
+                raise ValueError(
+                    f"{argument} holds NaN or Inf for the delta of {name!r} (or base + delta overflows its "
+                    f"{t.weight.dtype} weight); nothing was loaded. Load a checkpoint saved before training diverged"
                 )
 
     def _after_load(self, module, incompatible_keys) -> None:
@@ -589,6 +624,8 @@ class SparseModel(nn.Module):
         for t in self._targets:
             for m in t.modules:
                 layers.uninstall(m)
+        for m in self._guarded:
+            layers.unguard(m)
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
         self._unloaded = True
@@ -626,6 +663,7 @@ class SparseModel(nn.Module):
         for t in self._targets:
             if t.name not in deltas or deltas[t.name].numel() != t.delta.numel():
                 raise ValueError(f"deltas must hold {t.delta.numel()} entries for {t.name!r}")
+        self._check_new_deltas({t.name: deltas[t.name] for t in self._targets}, "deltas")
         for t in self._targets:
             t.delta.copy_(deltas[t.name].reshape(-1).to(t.delta.device, torch.float32))
         if self._merged:
@@ -677,11 +715,13 @@ class SparseModel(nn.Module):
             if precision not in ("bf16", "fp32"):
                 raise ValueError(f"precision must be 'bf16' or 'fp32' (or use save_deltas=True), got {precision!r}")
             save_deltas = save_deltas or precision == "fp32"
+        if metrics is not None:
+            _checked_metrics(metrics)
         self.sync()
         states = self.export_state()
         config = self.adapter_config(states)
         if metrics:
-            config["metrics"] = {str(k): (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+            config["metrics"] = _checked_metrics(metrics)
         tensors = [
             adapters.AdapterTensor(s.name, s.shape, s.dtype, s.indices, s.values, s.delta if save_deltas else None)
             for s in states
@@ -856,6 +896,28 @@ def deltas_for_values(
         f"could not reconstruct fp32 deltas of {name!r} that reproduce the stored values exactly; save "
         f"the adapter with save_deltas=True"
     )
+
+
+def _checked_metrics(metrics: Any) -> dict[str, Any]:
+    """``metrics`` as the adapter config stores it (strict JSON): name -> finite number, string or bool."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (str, bool)) or v is None:
+            out[str(k)] = v
+        elif isinstance(v, numbers.Real) and math.isfinite(float(v)):
+            out[str(k)] = int(v) if isinstance(v, numbers.Integral) else float(v)
+        elif isinstance(v, numbers.Real):
+            raise ValueError(f"metrics[{k!r}] is {v}: the adapter config is strict JSON; drop the entry or store None")
+        else:
+            raise TypeError(
+                f"metrics[{k!r}] is a {type(v).__name__}; metrics hold numbers, strings, booleans or None "
+                f"(strict JSON): pass float(value)"
+            )
+    return out
 
 
 def _stored(deltas: torch.Tensor | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -88,6 +88,36 @@ def check_indices(indices: torch.Tensor, name: str = "indices") -> None:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(indices.shape)}")
 
 
+def check_contiguous(t: torch.Tensor, name: str, why: str) -> None:
+    """Refuse a non-contiguous ``t`` (an argument the kernels read or write as one flat array, too large to copy
+    silently); ``why`` says why in the error."""
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous ({why}); call {name}.contiguous() first")
+
+
+@overload
+def dense(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def dense(t: None) -> None: ...
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with contiguous memory: itself when it already is, else one copy. For the ``K``-length arguments
+    (indices, base values), whose copy is cheap next to the kernel that reads them; the kernels read flat memory."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def check_not_differentiable(named: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    """Refuse, while grad mode is on, to write a tensor that requires grad: the kernels write memory behind
+    autograd's back (and torch refuses an in-place write to such a leaf), so both backends refuse alike."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named:
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, and this op writes it in place outside autograd: call it under "
+                f"torch.no_grad(), or pass {name}.detach()"
+            )
+
+
 def check_same_device(named: Sequence[tuple[str, torch.Tensor | None]]) -> None:
     first = None
     for name, t in named:
@@ -106,7 +136,7 @@ def adamw_hparams(step, lr, beta1, beta2, eps, weight_decay) -> dict:
         lr=real("lr", lr, low=0.0),
         beta1=real("beta1", beta1, low=0.0, high=1.0, high_open=True),
         beta2=real("beta2", beta2, low=0.0, high=1.0, high_open=True),
-        eps=real("eps", eps, low=0.0),
+        eps=real("eps", eps, low=0.0, low_open=True),  # > 0: the update divides by sqrt(v) + eps, and v can be 0
         weight_decay=real("weight_decay", weight_decay, low=0.0),
     )
 

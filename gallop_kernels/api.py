@@ -7,6 +7,14 @@ directly in eager mode (the custom-op dispatcher costs about 0.1 ms a call) and 
 After an eager op wrote a tensor, its autograd version counter is advanced, whichever backend wrote it. Inside
 ``torch.compile`` the data-dependent checks (index range, NaN/Inf, shared memory) are skipped: they would need a
 device sync or real addresses; the Triton kernels stay memory-safe regardless.
+
+Memory layout, one rule for every op: the ``K``-length inputs (``indices``, ``base``) may have any strides (a
+non-contiguous one is copied once, which costs less than the kernel that reads it); the dense tensors an op reads
+or writes as one flat array (``src``, ``dst``, ``weight``, ``weight_grad``) and the fp32 buffers it writes or that
+are the optimizer's state must be contiguous, else a ``ValueError`` names the argument and ``.contiguous()`` (a
+silent copy of a weight would cost as much as the op). ``select_topk`` and ``weight_grad_at`` accept any layout.
+An op never writes a tensor that requires grad while grad mode is on (``ValueError``: call it under
+``torch.no_grad()``), on either backend.
 """
 
 from __future__ import annotations
@@ -92,7 +100,8 @@ def sparse_adamw_(
         exp_avg_sq  = beta2 * exp_avg_sq + (1 - beta2) * grad**2
         param      -= (lr / bc1) * exp_avg / (sqrt(exp_avg_sq) / sqrt(bc2) + eps)
 
-    (amsgrad=False, maximize=False). ``step`` is the 1-based step count of this update. Scalars may be Python,
+    (amsgrad=False, maximize=False). ``step`` is the 1-based step count of this update; ``eps`` must be > 0 (with
+    ``eps = 0`` an entry whose gradient and second moment are 0 would get 0 / 0 = NaN). Scalars may be Python,
     numpy or 0-d tensor numbers.
 
     ``nonfinite``: when ``grad`` holds a NaN or Inf, ``"skip"`` (default) changes nothing and warns,
@@ -140,7 +149,11 @@ def sparse_adamw_step_(
 
     ``check_indices`` (default True) verifies the index range and uniqueness first (one reduction, one device
     sync); with False an out-of-range index is ignored by the Triton kernel (memory-safe, result undefined) and
-    raises in the reference. ``nonfinite`` as in ``sparse_adamw_``, applied to the gathered gradient.
+    raises in the reference. ``nonfinite``: when the gathered gradient holds a NaN or Inf, or ``cast(base + delta)``
+    after the update does (an overflow of ``weight.dtype``, e.g. fp16 above 65504), ``"skip"`` (default) changes
+    nothing (weight, delta and moments) and warns, ``"raise"`` raises ``FloatingPointError`` (changing nothing),
+    ``"assume_finite"`` runs the one fused kernel without checking (no device sync; what training calls). The
+    checked modes run the same math as the fused kernel, in three launches and one device sync, bit for bit.
     """
     hp = adamw.check_step_args(
         weight,
@@ -159,15 +172,14 @@ def sparse_adamw_step_(
         check_indices,
         nonfinite,
     )
-    if nonfinite != "assume_finite" and not _validate.all_finite(gather_scatter.gather(weight_grad, indices)):
-        _nonfinite("weight_grad holds NaN or Inf at the selected entries: the step was skipped", nonfinite)
-        return
-    args = (weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hp.values())
+    indices, base = _validate.dense(indices), _validate.dense(base)
     if _compiling():
-        adamw.sparse_adamw_step_op(*args)
-    else:
-        adamw.sparse_adamw_step(*args)
+        adamw.sparse_adamw_step_op(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hp.values())
+    elif nonfinite == "assume_finite":
+        adamw.sparse_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hp.values())
         _bump(weight, delta, exp_avg, exp_avg_sq)
+    else:
+        _checked_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, hp, nonfinite)
 
 
 def gather(
@@ -193,6 +205,7 @@ def gather(
         ``out`` (fp32, shape ``[len(indices)]``).
     """
     gather_scatter.check_gather_args(src, indices, out, check_indices)
+    indices = _validate.dense(indices)
     if accumulate and out is None:
         raise ValueError("accumulate=True needs an out tensor to add into; pass out=...")
     if out is None:
@@ -231,6 +244,7 @@ def scatter_(
     No argument may share memory with ``dst``.
     """
     gather_scatter.check_scatter_args(dst, indices, values, base, check_indices, nonfinite)
+    indices, base = _validate.dense(indices), _validate.dense(base)
     if nonfinite != "assume_finite":
         written = (values if base is None else base.to(torch.float32) + values).to(dst.dtype)
         if not _validate.all_finite(written):
@@ -259,7 +273,7 @@ def weight_grad_at(
         indices: 1-D int32/int64 flat indices into the ``[M, N]`` weight gradient, each in ``[0, M * N)``.
         check_indices: verify the index range first (one reduction, one device sync).
         path: ``dense`` (the GEMM ``G^T X`` in the inputs' dtype, then a gather: ``M*N*T`` multiply-adds),
-            ``sampled`` (a sampled dense-dense product over the selected entries only: ``K*T``, fp32), or ``auto``
+            ``sampled`` (a sampled dense-dense product over the selected entries only: ``K*T``), or ``auto``
             (default): ``sampled`` when ``K`` is at most ``weight_grad.SAMPLED_MAX_DENSITY[device]`` of ``M*N``.
 
     Returns:
@@ -267,8 +281,9 @@ def weight_grad_at(
         tokens ``t`` running over all leading dimensions. For a ``[N, M]`` weight stored transposed (transformers'
         ``Conv1D``), pass ``(input, grad_output)``.
 
-    The dense path rounds each entry once to the inputs' dtype (as torch's linear backward does); the sampled path
-    accumulates in fp32, so the two agree within one rounding of the inputs' dtype.
+    Both paths accumulate in fp32 and round each entry once to the inputs' dtype (as torch's linear backward does;
+    the dense path's GEMM, the sampled path explicitly), so they differ only by summation order, and an entry that
+    overflows the inputs' dtype (fp16 above 65504) is inf on both.
     """
     weight_grad.check_args(grad_output, input, indices, check_indices, path)
     m, n = grad_output.shape[-1], input.shape[-1]
@@ -277,7 +292,31 @@ def weight_grad_at(
     return op(grad_output, input, indices, chosen)
 
 
-def _nonfinite(message: str, nonfinite: str) -> None:
+def _checked_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, hp: dict, nonfinite: str):
+    """``sparse_adamw_step_`` with its finiteness checks: gather, AdamW on copies of the state, check what would be
+    written, then commit. The same kernels' math as the fused step, so the same bits."""
+    grad = gather_scatter.gather(weight_grad, indices)
+    if not _validate.all_finite(grad):
+        _nonfinite("weight_grad holds NaN or Inf at the selected entries: the step was skipped", nonfinite, 4)
+        return
+    new_delta, new_m, new_v = delta.clone(), exp_avg.clone(), exp_avg_sq.clone()
+    adamw.sparse_adamw(new_delta, grad, new_m, new_v, *hp.values())
+    if not _validate.all_finite((base.to(torch.float32) + new_delta).to(weight.dtype)):
+        _nonfinite(
+            f"cast(base + delta) to {weight.dtype} holds NaN or Inf after the update (an overflow of the weight's "
+            f"dtype: lower the learning rate): the step was skipped",
+            nonfinite,
+            4,
+        )
+        return
+    delta.copy_(new_delta)
+    exp_avg.copy_(new_m)
+    exp_avg_sq.copy_(new_v)
+    gather_scatter.scatter(weight, indices, delta, base)
+    _bump(weight)
+
+
+def _nonfinite(message: str, nonfinite: str, stacklevel: int = 3) -> None:
     if nonfinite == "raise":
         raise FloatingPointError(message + " (nonfinite='skip' skips instead of raising)")
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)

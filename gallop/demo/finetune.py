@@ -167,6 +167,8 @@ def training_defaults() -> dict[str, Any]:
 
 def check(model_args: ModelArguments, data: DataArguments, sel: SelectionArguments, training) -> None:
     """Every check that needs no model: raises ValueError / FileNotFoundError naming the argument and the fix."""
+    from gallop.adapters import check_writable_folder
+    from gallop.data import check_dataset_spec
     from gallop.models import BUILTIN_MODELS, check_device, check_dtype
 
     from .tasks import TASKS, available_examples
@@ -188,6 +190,11 @@ def check(model_args: ModelArguments, data: DataArguments, sel: SelectionArgumen
         v = getattr(data, name)
         if v < 1:
             raise ValueError(f"--{name} must be a positive int, got {v}")
+    if data.max_length < 2:
+        raise ValueError(
+            f"--max_length {data.max_length} leaves no room for an answer token after the prompt; pass at least 2 "
+            f"(the default is 512)"
+        )
     if data.dataset is None:
         if data.task not in TASKS:
             raise ValueError(
@@ -200,22 +207,24 @@ def check(model_args: ModelArguments, data: DataArguments, sel: SelectionArgumen
                     f"--{'train' if split == 'train' else 'eval'}_examples {n} is more than task "
                     f"{data.task!r} has ({have} {split} examples)"
                 )
-    elif not Path(data.dataset).exists() and data.dataset.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"--dataset {data.dataset!r} does not exist")
+    else:
+        check_dataset_spec(data.dataset, "--dataset")
     for t in ood_task_names(data):
         if t not in TASKS:
             raise ValueError(f"--ood_tasks names an unknown task {t!r}; built-in tasks: {', '.join(TASKS)}")
     if training.max_steps is None or training.max_steps < 1:
         raise ValueError(f"--max_steps must be a positive int, got {training.max_steps}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        v = getattr(training, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name} must be a positive int, got {v}")
     if training.max_grad_norm is not None and training.max_grad_norm < 0:
         raise ValueError(f"--max_grad_norm must be >= 0 (0 disables clipping), got {training.max_grad_norm}")
     if training.weight_decay < 0:
         raise ValueError(f"--weight_decay must be >= 0, got {training.weight_decay}")
     if training.learning_rate <= 0 or not math.isfinite(training.learning_rate):
         raise ValueError(f"--learning_rate must be a positive number, got {training.learning_rate}")
-    out = Path(training.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output_dir {str(out)!r} exists and is a file; pass a folder path")
+    check_writable_folder(training.output_dir, "--output_dir")
 
 
 def ood_task_names(data: DataArguments) -> list[str]:
@@ -390,7 +399,7 @@ def finetune(
                 ("ood_acc", tuned["ood_mean"]),
                 ("forget_ratio", metrics["forget_ratio"]),
             )
-            if v is not None
+            if v is not None and math.isfinite(v)  # the adapter config is strict JSON
         },
     )
     if sel.plot:
@@ -399,8 +408,19 @@ def finetune(
             out / "loss.png",
             f"GaLLoP {sel.scorer} {100 * sel.density:g}% on {metrics['train']}",
         )
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    atomic_write_text(out / "metrics.json", json.dumps(_strict(metrics), indent=1, default=str, allow_nan=False))
     return metrics
+
+
+def _strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, so metrics.json is strict JSON (a NaN loss reads null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def default_output_dir(data: DataArguments) -> str:

@@ -13,11 +13,13 @@ from torch import Tensor
 from .._registry import implementation
 from .._validate import (
     adamw_hparams,
+    check_contiguous,
     check_float,
     check_fp32_1d,
     check_index_range,
     check_no_overlap,
     check_nonfinite_option,
+    check_not_differentiable,
     check_same_device,
 )
 from ..gather_scatter import check_scatter_args
@@ -36,6 +38,7 @@ def check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
             )
     check_same_device(named)
     check_no_overlap(named)
+    check_not_differentiable([("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
     return adamw_hparams(step, lr, beta1, beta2, eps, weight_decay)
 
 
@@ -61,7 +64,8 @@ def check_step_args(
     check_float(weight_grad, "weight_grad")
     if weight_grad.shape != weight.shape:
         raise ValueError(f"weight_grad has shape {tuple(weight_grad.shape)} but weight has shape {tuple(weight.shape)}")
-    check_scatter_args(weight, indices, delta, base, check_range=False)
+    check_contiguous(weight_grad, "weight_grad", "it is read as one flat array, like weight")
+    check_scatter_args(weight, indices, delta, base, check_range=False, names=("weight", "delta"))
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_fp32_1d(t, name)
         if t.numel() != delta.numel():
@@ -82,6 +86,7 @@ def check_step_args(
             ("exp_avg_sq", exp_avg_sq),
         ]
     )
+    check_not_differentiable([("delta", delta), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
     if check_indices:
         check_index_range(indices, weight.numel(), unique=True)
     return hp

@@ -4,7 +4,8 @@ Both kernels do torch.optim.AdamW's math in fp32 with IEEE-rounded sqrt and divi
 ``div_rn``), so they agree with the reference to a few ulp: FMA contraction differs, and so does the first moment's
 form (``m + (1 - beta1) * (g - m)`` here; torch's ``lerp`` switches to ``g - (g - m) * beta1`` when the weight is
 0.5 or more, i.e. for ``beta1 <= 0.5``). One program handles
-``BLOCK`` consecutive entries; offsets are int64, so buffers may exceed 2**31 entries.
+``BLOCK`` consecutive entries; offsets are int64, so buffers may exceed 2**31 entries. Every tensor is read as
+flat contiguous memory (the public API copies or refuses any other layout).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def sparse_adamw_step_(
         return
     _adamw_step_kernel[(triton.cdiv(n, BLOCK),)](
         weight,
-        weight_grad.contiguous(),
+        weight_grad,
         indices,
         base,
         delta,

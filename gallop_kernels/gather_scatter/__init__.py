@@ -11,18 +11,21 @@ from torch import Tensor
 
 from .._registry import implementation
 from .._validate import (
+    check_contiguous,
     check_float,
     check_fp32_1d,
     check_index_range,
     check_indices,
     check_no_overlap,
     check_nonfinite_option,
+    check_not_differentiable,
     check_same_device,
 )
 
 
 def check_gather_args(src, indices, out, check_range: bool = True) -> None:
     check_float(src, "src")
+    check_contiguous(src, "src", "it is read as one flat array, and a copy of a whole weight is not made silently")
     check_indices(indices)
     check_same_device([("src", src), ("indices", indices), ("out", out)])
     if out is not None:
@@ -30,29 +33,33 @@ def check_gather_args(src, indices, out, check_range: bool = True) -> None:
         if out.numel() != indices.numel():
             raise ValueError(f"out has length {out.numel()} but indices has length {indices.numel()}")
         check_no_overlap([("out", out), ("src", src), ("indices", indices)])
+        check_not_differentiable([("out", out)])
     if check_range:
         check_index_range(indices, src.numel())
 
 
-def check_scatter_args(dst, indices, values, base, check_range: bool = True, nonfinite: str = "skip") -> None:
+def check_scatter_args(
+    dst, indices, values, base, check_range: bool = True, nonfinite: str = "skip", names=("dst", "values")
+) -> None:
+    """Validate ``scatter_``'s arguments; ``names``: what the caller calls ``dst`` and ``values`` in errors."""
+    dst_name, values_name = names
     check_nonfinite_option(nonfinite)
-    check_float(dst, "dst")
-    if not dst.is_contiguous():
-        raise ValueError(
-            "dst must be contiguous (it is written through a flat view); call .contiguous() and write the result back"
-        )
+    check_float(dst, dst_name)
+    check_contiguous(dst, dst_name, "it is written through a flat view; write the result back after the call")
     check_indices(indices)
-    check_fp32_1d(values, "values")
+    check_fp32_1d(values, values_name)
     if values.numel() != indices.numel():
-        raise ValueError(f"values has length {values.numel()} but indices has length {indices.numel()}")
+        raise ValueError(f"{values_name} has length {values.numel()} but indices has length {indices.numel()}")
     if base is not None:
         check_float(base, "base")
         if base.dim() != 1 or base.numel() != indices.numel():
             raise ValueError(
                 f"base must be 1-D with length {indices.numel()} (one per index), got shape {tuple(base.shape)}"
             )
-    check_same_device([("dst", dst), ("indices", indices), ("values", values), ("base", base)])
-    check_no_overlap([("dst", dst), ("indices", indices), ("values", values), ("base", base)])
+    named = [(dst_name, dst), ("indices", indices), (values_name, values), ("base", base)]
+    check_same_device(named)
+    check_no_overlap(named)
+    check_not_differentiable([(dst_name, dst)])
     if check_range:
         check_index_range(indices, dst.numel(), unique=True)
 

@@ -5,7 +5,8 @@
 
 One program handles ``BLOCK`` consecutive indices (sorted indices make the dense accesses nearly coalesced);
 offsets are int64. An index outside the dense tensor is masked out (read as 0, never written): the public API
-rejects such indices before launching, and the kernels stay memory-safe even when that check is skipped.
+rejects such indices before launching, and the kernels stay memory-safe even when that check is skipped. Every
+tensor is read as flat contiguous memory (the public API copies or refuses any other layout).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ def gather(src, indices, *, out=None, accumulate=False):
     if out is None:
         out = torch.empty(n, dtype=torch.float32, device=src.device)
     if n:
-        src = src.contiguous()
         _gather_kernel[(triton.cdiv(n, BLOCK),)](src, indices, out, n, src.numel(), ACCUMULATE=accumulate, BLOCK=BLOCK)
     return out
 

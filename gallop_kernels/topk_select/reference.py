@@ -150,8 +150,9 @@ def _level1_histogram(keys: _Keys) -> torch.Tensor:
         local = torch.zeros(N_HI, dtype=torch.int64, device=keys.device)
         for _, k in keys.of(pos):
             hi = torch.bitwise_right_shift(k, HI_SHIFT, out=keys.shifted[: k.numel()])
-            if keys.scorer == "magnitude":  # a non-finite |w| gives a negative key: fold it into the invalid bins
-                hi.bitwise_and_(0xFFFF)
+            # A key with its sign bit set (a NaN score with the sign bit, e.g. 0/0 with eps=0, or magnitude's key of a
+            # non-finite |w|) shifts to a negative bin: fold it into the invalid bins, which raise below.
+            hi.bitwise_and_(0xFFFF)
             local += torch.bincount(hi, minlength=N_HI)
         if int(local[INVALID_HI_BIN + 1 :].sum().item()):
             raise nonfinite_score_error(keys.scorer, pos)

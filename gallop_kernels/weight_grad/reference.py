@@ -3,7 +3,8 @@
 * ``dense``: the dense product ``G^T X`` in the inputs' dtype (as torch's linear backward computes it), then a
   gather. ``M * N * T`` multiply-adds on a GEMM.
 * ``sampled``: only the selected entries, ``out[i] = sum_t G[t, r_i] * X[t, c_i]``, as a sampled dense-dense
-  product (SDDMM: ``torch.sparse.sampled_addmm`` over a CSR pattern of the selected entries) in fp32. ``K * T``
+  product (SDDMM: ``torch.sparse.sampled_addmm`` over a CSR pattern of the selected entries) accumulated in fp32 and
+  rounded once to the inputs' dtype, as the dense path's entries are. ``K * T``
   multiply-adds, each entry one dot product of a row of ``G^T`` and a column of ``X``. On a CPU it beats the GEMM
   up to about 10% of a tensor at 64 tokens and 25% at 1024 (docs/performance.md holds the crossover table).
 
@@ -25,7 +26,9 @@ def weight_grad_at(
     g = grad_output.reshape(-1, grad_output.shape[-1])
     x = input.reshape(-1, input.shape[-1])
     if path == "sampled":
-        return _sampled(g, x, indices)
+        # Rounded once to the inputs' dtype, as the dense path's GEMM output is: both paths then answer alike,
+        # including an fp16 entry beyond 65504, which is inf on both (as in torch's own linear backward).
+        return _sampled(g, x, indices).to(g.dtype).to(torch.float32)
     dense = g.t().matmul(x)
     return dense.reshape(-1).index_select(0, indices).to(torch.float32)
 

@@ -280,3 +280,89 @@ def test_smollm2_finetune_gains_in_distribution(tmp_path):
         training,
     )
     assert m["finetuned"]["id"] >= m["vanilla"]["id"] + 0.2, m
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: the argument must be refused before it."""
+    import gallop.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad argument was refused")
+
+    monkeypatch.setattr(gallop.models, "load_model", refuse)
+
+
+def _run(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors exit with status 2
+        return int(e.code or 0)
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive int"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive int"),
+        (["--max_length", "1"], "--max_length 1 leaves no room for an answer token"),
+        (["--dataset", "nosuch.jsonl"], "--dataset 'nosuch.jsonl' does not exist"),
+        (["--dataset", "sub/dir/nosuch"], "does not exist"),
+        (["--dataset", "EMPTY"], "is an empty file"),
+        (["--dataset", "BLANK"], "nothing but whitespace"),
+        (["--dataset", ""], "--dataset is empty"),
+        (["--output_dir", "UNDER_A_FILE"], "cannot be created"),
+    ],
+)
+def test_issue_20_cli_arguments_fail_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model_loads, argv, msg):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "file").write_text("x")
+    subs = {
+        "EMPTY": str(tmp_path / "empty.jsonl"),
+        "BLANK": str(tmp_path / "blank.jsonl"),
+        "UNDER_A_FILE": str(tmp_path / "file" / "out"),
+    }
+    argv = [subs.get(a, a) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "never"
+    rc = _run(["finetune", "--model", "smollm2", "--output_dir", str(out), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert msg in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and "Traceback" not in err
+
+
+def test_an_unwritable_output_dir_fails_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model_loads):
+    """The probe creates and removes a folder in the nearest existing ancestor (permission bits mean nothing to
+    root or on a read-only mount); here the file system refuses it."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only)
+    rc = _run(["finetune", "--model", "smollm2", "--output_dir", str(tmp_path / "a" / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--output_dir" in err and "is not writable" in err, err
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "merge", "export"])
+@pytest.mark.parametrize("adapter", ["/nonexistent/adapter", "FILE", "EMPTY_DIR"])
+def test_a_missing_adapter_fails_before_the_model_loads(tmp_path, capsys, no_model_loads, command, adapter):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    adapter = {"FILE": str(tmp_path / "file"), "EMPTY_DIR": str(tmp_path / "empty")}.get(adapter, adapter)
+    extra = [] if command == "eval" else ["--out", str(tmp_path / "out")]
+    rc = _run([command, "--model", "smollm2", "--adapter", adapter, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("is not a folder" in err or "is not a gallop adapter folder" in err) and adapter in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--batch_size", "0"], ["--calib_examples", "0"]])
+def test_select_counts_fail_before_the_model_loads(capsys, no_model_loads, argv):
+    assert _run(["select", "--model", "smollm2", *argv]) == 2
+    assert "must be a positive int" in capsys.readouterr().err

@@ -141,3 +141,14 @@ def test_bad_arguments():
 
     opt = SparseAdamW(sparse, lr=np.float32(1e-3), weight_decay=torch.tensor(0.01))  # numpy / 0-d tensor scalars
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_eps_zero_is_refused_before_it_can_divide_zero_by_zero():
+    """Issue 20: SparseAdamW(eps=0) was accepted, and an entry whose gradient is exactly 0 got 0/0 = NaN, which
+    the write-back (trusting SparseAdamW's finite deltas) put into 12 of the model's weights."""
+    model, sel = setup()
+    sparse = SparseModel(model, sel)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        SparseAdamW(sparse, eps=0)
+    with pytest.raises(ValueError, match=r"param_group\['eps'\] must be a finite number > 0"):
+        SparseAdamW([{"params": sparse.trainable_parameters(), "eps": 0.0}])

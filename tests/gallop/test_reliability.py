@@ -202,3 +202,140 @@ def test_a_state_dict_from_another_selection_is_refused():
     a, b = SparseModel(m1, s1), SparseModel(m2, s2)
     with pytest.raises(ValueError, match="another GaLLoP selection"):
         b.load_state_dict(a.state_dict(), strict=False)
+
+
+# ------------------------------------------------------------------------------------------------ issue 20 (library)
+@pytest.mark.parametrize("field", ["scorer", "budget"])
+def test_a_list_where_a_name_is_expected_names_the_field(field):
+    with pytest.raises(ValueError, match=f"{field} must be one of the strings"):
+        GallopConfig(**{field: ["gallop"]})
+
+
+def test_a_per_tensor_budget_of_zero_entries_fails_at_selection():
+    model = tiny("llama")
+    largest = max(p.numel() for n, p in model.named_parameters() if "proj" in n)
+    with pytest.raises(ValueError, match=r"budget='per_tensor' selects floor\(density \* numel\) = 0"):
+        select(model, None, GallopConfig(scorer="random", budget="per_tensor", density=0.5 / largest))
+
+
+def test_mean_gradients_takes_numpy_integers_and_refuses_a_single_batch():
+    from gallop import mean_gradients
+
+    model = tiny("llama")
+    batches = random_batches(2)
+    grads = mean_gradients(model, batches, max_batches=np.int64(1), progress=False)
+    first = mean_gradients(model, batches[:1], progress=False)
+    assert grads.keys() == first.keys() and all(torch.equal(grads[n], first[n]) for n in grads)
+    with pytest.raises(TypeError, match=r"batches must be an iterable of batches.*pass \[batch\]"):
+        mean_gradients(model, batches[0], progress=False)
+    with pytest.raises(ValueError, match="max_batches must be a positive int"):
+        mean_gradients(model, batches, max_batches=np.float64(1.0), progress=False)
+
+
+@pytest.mark.parametrize("route", ["load_state_dict", "load_deltas_"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_loading_a_non_finite_delta_is_refused_before_anything_is_copied(route, bad):
+    model, sel = setup()
+    sparse = SparseModel(model, sel)
+    train(sparse, SparseAdamW(sparse, lr=1e-2), random_batches(2))
+    before_deltas = [p.detach().clone() for p in sparse.parameters()]
+    before = _model_state(model)
+    state = sparse.state_dict()
+    key = next(k for k in state if k.startswith("deltas."))
+    state[key][0] = bad
+    with pytest.raises(ValueError, match="NaN or Inf for the delta of"):
+        if route == "load_state_dict":
+            sparse.load_state_dict(state)
+        else:
+            sparse.load_deltas_({k.removeprefix("deltas."): v for k, v in state.items() if k.startswith("deltas.")})
+    assert all(torch.equal(a, p) for a, p in zip(before_deltas, sparse.parameters()))
+    assert _same_state(before, _model_state(model))
+    sparse(**random_batches(1)[0])  # the wrapper still works
+
+
+def test_a_delta_that_overflows_an_fp16_weight_is_refused_on_load():
+    model, sel = setup(dtype=torch.float16)
+    sparse = SparseModel(model, sel)
+    state = sparse.state_dict()
+    key = next(k for k in state if k.startswith("deltas."))
+    state[key][0] = 1e6  # finite in fp32, inf once cast to the fp16 weight
+    with pytest.raises(ValueError, match="overflows its torch.float16 weight"):
+        sparse.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "metrics, error, match",
+    [
+        ({"acc": float("nan")}, ValueError, r"metrics\['acc'\] is nan: the adapter config is strict JSON"),
+        ({"acc": float("inf")}, ValueError, r"metrics\['acc'\] is inf"),
+        ({"acc": np.float32("nan")}, ValueError, r"metrics\['acc'\] is nan"),
+        ({"acc": [0.5]}, TypeError, r"metrics\['acc'\] is a list"),
+        ({"acc": object()}, TypeError, r"metrics\['acc'\] is a object"),
+        ([("acc", 0.5)], TypeError, "metrics must be a mapping"),
+    ],
+)
+def test_adapter_metrics_are_strict_json_or_refused(tmp_path, metrics, error, match):
+    model, sel = setup()
+    sparse = SparseModel(model, sel)
+    with pytest.raises(error, match=match):
+        sparse.save_pretrained(tmp_path / "a", metrics=metrics)
+    assert not (tmp_path / "a").exists()
+
+
+def test_adapter_metrics_round_trip_as_strict_json(tmp_path):
+    model, sel = setup()
+    sparse = SparseModel(model, sel)
+    sparse.save_pretrained(tmp_path / "a", metrics={"acc": np.float64(0.5), "n": np.int64(3), "t": torch.tensor(2.0)})
+    text = (tmp_path / "a" / "adapter_config.json").read_text()
+    config = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert config["metrics"] == {"acc": 0.5, "n": 3, "t": 2.0}
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_fp16", "submodule"])
+def test_casting_the_wrapped_model_is_refused_and_changes_nothing(cast):
+    model, sel = setup()
+    sparse = SparseModel(model, sel)
+    before = _model_state(model)
+    deltas = [p.detach().clone() for p in sparse.parameters()]
+    call = {
+        "half": lambda: sparse.model.half(),
+        "bfloat16": lambda: sparse.model.bfloat16(),
+        "to_fp16": lambda: sparse.model.to(torch.float16),
+        "submodule": lambda: sparse.model.model.layers[0].half(),
+    }[cast]
+    with pytest.raises(RuntimeError, match="keeps its weights' dtypes and fp32 deltas"):
+        call()
+    assert _same_state(before, _model_state(model))
+    assert all(p.dtype == torch.float32 and torch.equal(a, p) for a, p in zip(deltas, sparse.parameters()))
+    sparse.model.to("cpu")  # device moves still pass
+    train(sparse, SparseAdamW(sparse, lr=1e-2), random_batches(1))
+    plain = sparse.merge_and_unload()
+    assert plain.half() is plain  # the plain model casts again
+
+
+def test_transformers_save_pretrained_of_a_wrapped_model_writes_the_plain_merged_model(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model, sel = setup()
+    sparse = SparseModel(model, sel)
+    train(sparse, SparseAdamW(sparse, lr=1e-2), random_batches(2))
+    assert not [k for k in model.state_dict() if "gallop" in k]
+    model.save_pretrained(tmp_path / "m")
+    keys = list(load_file(tmp_path / "m" / "model.safetensors"))
+    assert not [k for k in keys if "gallop" in k]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    mine = model.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in reloaded.state_dict().items())  # the trained weights
+    model.load_state_dict(reloaded.state_dict())  # strict: the delta is not reported missing
+
+
+def test_load_model_on_a_folder_without_a_tokenizer_says_so(tmp_path):
+    from gallop.models import load_model
+
+    tiny("llama").save_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer .*tokenizer.save_pretrained"):
+        load_model(str(tmp_path / "m"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(str(tmp_path / "empty"))

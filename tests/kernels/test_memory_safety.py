@@ -120,3 +120,59 @@ def test_numeric_arguments_accept_numpy_and_tensor_scalars(backend):
         gk.sparse_adamw_(p, g, m, v, step=1, lr="0.1")
     with pytest.raises(TypeError, match="step must be an int"):
         gk.sparse_adamw_(p, g, m, v, step=np.float32(1.0), lr=0.1)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_the_fused_step_refuses_an_fp16_overflow(backend, nonfinite):
+    """Issue 20: a base of 65500 and lr=100 wrote +inf into the fp16 weight. Now: nothing changes, and it says so."""
+    w = torch.full((3, 4), 65500.0, dtype=torch.float16)
+    idx = torch.tensor([1, 6])
+    base, delta, m, v = w.view(-1)[idx].clone(), torch.zeros(2), torch.zeros(2), torch.zeros(2)
+    before = [t.clone() for t in (w, delta, m, v)]
+    wg = torch.full((3, 4), -1.0, dtype=torch.float16)
+    if nonfinite == "skip":
+        with pytest.warns(RuntimeWarning, match="float16.*lower the learning rate"):
+            gk.sparse_adamw_step_(w, wg, idx, base, delta, m, v, step=1, lr=100.0)
+    else:
+        with pytest.raises(FloatingPointError, match="float16"):
+            gk.sparse_adamw_step_(w, wg, idx, base, delta, m, v, step=1, lr=100.0, nonfinite="raise")
+    assert all(torch.equal(a, b) for a, b in zip((w, delta, m, v), before))
+    gk.sparse_adamw_step_(w, wg, idx, base, delta, m, v, step=1, lr=1.0)  # a step that fits goes through
+    assert torch.isfinite(w).all() and torch.equal(w.view(-1)[idx], (base.float() + delta).half())
+
+
+def test_eps_must_be_positive(backend):
+    """Issue 20: eps=0 let 0/0 = NaN into the buffers (an entry whose gradient is exactly 0)."""
+    p, g, m, v = torch.ones(3), torch.tensor([0.0, 1.0, 0.0]), torch.zeros(3), torch.zeros(3)
+    with pytest.raises(ValueError, match=r"eps must be in \(0"):
+        gk.sparse_adamw_(p, g, m, v, step=1, lr=0.1, eps=0.0)
+    w = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"eps must be in \(0"):
+        gk.sparse_adamw_step_(w, w.clone(), torch.tensor([0, 4]), *[torch.zeros(2) for _ in range(4)], step=1,
+                              lr=0.1, eps=0)  # fmt: skip
+    assert torch.equal(p, torch.ones(3)) and torch.equal(m, torch.zeros(3))
+
+
+def test_both_backends_refuse_to_write_a_tensor_that_requires_grad(backend):
+    """Issue 20: the reference raised (torch's in-place rule) and the Triton path wrote. Now both refuse, alike,
+    and both work under no_grad."""
+    idx = torch.tensor([0, 2])
+    leaf = torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"dst requires grad.*torch\.no_grad\(\)"):
+        gk.scatter_(leaf, idx, torch.ones(2))
+    with pytest.raises(ValueError, match="out requires grad"):
+        gk.gather(torch.ones(4), idx, out=torch.zeros(2, requires_grad=True))
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="param requires grad"):
+        gk.sparse_adamw_(p, torch.ones(2), torch.zeros(2), torch.zeros(2), step=1, lr=0.1)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        gk.sparse_adamw_step_(leaf, torch.ones(4), idx, torch.zeros(2), *[torch.zeros(2) for _ in range(3)],
+                              step=1, lr=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="delta requires grad"):
+        gk.sparse_adamw_step_(torch.zeros(4), torch.ones(4), idx, torch.zeros(2), p, torch.zeros(2),
+                              torch.zeros(2), step=1, lr=0.1)  # fmt: skip
+    assert torch.equal(leaf, torch.zeros(4)) and torch.equal(p, torch.zeros(2))
+    with torch.no_grad():
+        gk.scatter_(leaf, idx, torch.ones(2))
+        gk.sparse_adamw_(p, torch.ones(2), torch.zeros(2), torch.zeros(2), step=1, lr=0.1)
+    assert torch.equal(leaf.detach(), torch.tensor([1.0, 0, 1, 0])) and bool((p < 0).all())

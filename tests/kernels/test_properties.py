@@ -1,6 +1,7 @@
 """Property tests (hypothesis, derandomized so every run draws the same cases): random shapes, dtypes, tie-heavy
-data and k at the edges. The two backends agree exactly where the contract says exact (selection, gather, scatter,
-the gap code) and within the dtype's tolerance elsewhere (AdamW, weight_grad_at)."""
+data, k at the edges, and inputs in every memory layout the API accepts (``layouts.py``). The two backends agree
+exactly where the contract says exact (selection, gather, scatter, the gap code) and within the dtype's tolerance
+elsewhere (AdamW, weight_grad_at)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 import gallop_kernels as gk
 from gallop.adapters import decode_gaps, encode_gaps
 
+from .layouts import LAYOUTS, relayout
 from .oracle import brute_force_topk
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -45,9 +47,10 @@ def _tensor(shape, kind, dtype, gen):
     kind=st.sampled_from(["normal", "ties", "zeros", "wide"]),
     scorer=st.sampled_from(list(gk.SCORERS)),
     k_at=st.sampled_from(["one", "all", "middle"]),
+    layout=st.sampled_from(LAYOUTS),
     seed=st.integers(0, 2**16),
 )
-def test_select_topk_equals_the_oracle_on_both_backends(monkeypatch, sizes, dtype, kind, scorer, k_at, seed):
+def test_select_topk_equals_the_oracle_on_both_backends(monkeypatch, sizes, dtype, kind, scorer, k_at, layout, seed):
     total = sum(sizes)
     if total == 0:
         sizes = [*sizes, 3]
@@ -57,6 +60,8 @@ def test_select_topk_equals_the_oracle_on_both_backends(monkeypatch, sizes, dtyp
     grads = [_tensor((n,), "normal", dtype, gen) for n in sizes]
     if scorer == "gallop" and kind == "zeros":
         grads = [g.clamp(-1e-3, 1e-3) for g in grads]  # |g| / eps must stay finite
+    weights = [relayout(w, layout) for w in weights]
+    grads = [relayout(g, layout) for g in grads]
     k = {"one": 1, "all": total, "middle": max(1, total // 2)}[k_at]
     g_in = grads if gk.SCORERS[scorer] else None
     ref, tri = _both(monkeypatch, lambda: gk.select_topk(g_in, weights, k, scorer=scorer, seed=seed))
@@ -93,15 +98,17 @@ def test_sparse_adamw_backends_agree(monkeypatch, n, steps, wd, seed):
     dtype=st.sampled_from(DTYPES),
     frac=st.floats(0.0, 1.0),
     with_base=st.booleans(),
+    layout=st.sampled_from([x for x in LAYOUTS if x != "expanded"]),  # an expanded index tensor repeats: refused
     seed=st.integers(0, 2**16),
 )
-def test_gather_and_scatter_are_exact_on_both_backends(monkeypatch, shape, dtype, frac, with_base, seed):
+def test_gather_and_scatter_are_exact_on_both_backends(monkeypatch, shape, dtype, frac, with_base, layout, seed):
     gen = torch.Generator().manual_seed(seed)
     src = _tensor(tuple(shape), "wide", dtype, gen)
     n = src.numel()
     idx = torch.sort(torch.randperm(n, generator=gen)[: int(frac * n)]).values
     values = torch.randn(idx.numel(), generator=gen) * 1e-2
-    base = src.reshape(-1)[idx].clone() if with_base else None
+    base = relayout(src.reshape(-1)[idx], layout) if with_base else None
+    idx = relayout(idx, layout)
 
     def run():
         dst = src.clone()
@@ -119,13 +126,14 @@ def test_gather_and_scatter_are_exact_on_both_backends(monkeypatch, shape, dtype
     m=st.integers(1, 9),
     n=st.integers(1, 9),
     dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from([x for x in LAYOUTS if x != "expanded"]),
     seed=st.integers(0, 2**16),
 )
-def test_weight_grad_at_matches_the_dense_gradient(tokens, m, n, dtype, seed):
+def test_weight_grad_at_matches_the_dense_gradient(tokens, m, n, dtype, layout, seed):
     gen = torch.Generator().manual_seed(seed)
-    dy = torch.randn(tokens, m, generator=gen).to(dtype)
-    x = torch.randn(tokens, n, generator=gen).to(dtype)
-    idx = torch.sort(torch.randperm(m * n, generator=gen)[: max(1, m * n // 2)]).values
+    dy = relayout(torch.randn(tokens, m, generator=gen).to(dtype), layout)
+    x = relayout(torch.randn(tokens, n, generator=gen).to(dtype), layout)
+    idx = relayout(torch.sort(torch.randperm(m * n, generator=gen)[: max(1, m * n // 2)]).values, layout)
     want = (dy.float().t() @ x.float()).reshape(-1)[idx]
     eps = torch.finfo(dtype).eps
     scale = float((dy.float().abs().t() @ x.float().abs()).max()) if tokens else 1.0

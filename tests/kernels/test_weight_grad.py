@@ -107,3 +107,18 @@ def test_bad_arguments():
         gk.weight_grad_at(dy.long(), x, idx)
     with pytest.raises(ValueError, match="path must be one of"):
         gk.weight_grad_at(dy, x, idx, path="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_both_paths_round_to_the_inputs_dtype_alike(backend, dtype):
+    """Issue 20: an fp16 entry beyond 65504 was inf on the dense path and 9e6 on the sampled one, so ``auto``
+    answered differently by density. Both now round once to the inputs' dtype, as torch's linear backward does."""
+    dy = torch.full((3000, 2), 60.0, dtype=dtype)
+    x = torch.full((3000, 3), 50.0, dtype=dtype)
+    x[:, 2] = 2.0**-8  # every partial sum exact in fp32: the paths may sum in any order
+    idx = torch.arange(6)
+    dense = gk.weight_grad_at(dy, x, idx, path="dense")
+    sampled = gk.weight_grad_at(dy, x, idx, path="sampled")
+    want = (dy.t() @ x).reshape(-1).float()  # torch: 9e6 is inf in fp16, 8998912 in bf16
+    assert torch.equal(dense, want) and torch.equal(sampled, want)
+    assert torch.isinf(want[0]) == (dtype == torch.float16)
