@@ -1,9 +1,14 @@
-"""Compile every Triton kernel ahead of time to cubin for the GPU targets we support; no GPU needed.
+"""Every Triton kernel variant we launch, compiled ahead of time for a GPU target: no GPU needed.
 
-Run in a process where TRITON_INTERPRET is off (tests/kernels/test_aot_compile.py does that):
-    TRITON_INTERPRET=0 python tests/kernels/aot_compile_matrix.py
+``variants()`` is the one list of (kernel, argument types, constexprs) that the launchers in gallop_kernels use;
+``compile_variant`` turns one into a cubin for a ``GPUTarget``. The AOT test compiles all of them for sm_90 and
+sm_80 (tests/kernels/test_aot_compile.py); ``bench/roofline.py`` reads the SASS of the ones training runs.
+Run in a process where TRITON_INTERPRET is off:
+    TRITON_INTERPRET=0 python bench/kernel_matrix.py
 Prints one line per target and exits non-zero on the first kernel that fails to compile.
 """
+
+from __future__ import annotations
 
 import sys
 from pathlib import Path
@@ -12,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gallop_kernels.adamw import triton as adamw  # noqa: E402
 from gallop_kernels.gather_scatter import triton as scatter  # noqa: E402
 from gallop_kernels.topk_select import triton as tselect  # noqa: E402
@@ -21,9 +26,21 @@ TARGETS = {"sm90 (H100/H200)": GPUTarget("cuda", 90, 32), "sm80 (A100)": GPUTarg
 _TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}
 
 
-def _compile(kernel, target, types: dict, constexprs: dict):
+def compile_variant(kernel, target, types: dict, constexprs: dict, divisible_by_16: tuple[str, ...] = ()):
+    """``kernel`` compiled for ``target`` with these argument types (``types[name]``, e.g. ``"*bf16"``).
+
+    ``divisible_by_16`` names the arguments to specialize as the launcher does at run time when a pointer is
+    16-byte aligned or an integer a multiple of 16 (what lets Triton vectorize loads); ``"*"`` means every pointer.
+    """
     signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel.arg_names)
+        if name not in constexprs
+        and (name in divisible_by_16 or ("*" in divisible_by_16 and signature[name].startswith("*")))
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target)
 
 
 def _select_types(g="float32", w="bfloat16", out="int32"):
@@ -43,6 +60,7 @@ def _select_types(g="float32", w="bfloat16", out="int32"):
         "cand_key_ptr": "*i32",
         "cand_block_ptr": "*i64",
         "cand_count_ptr": "*i64",
+        "capacity": "i64",
         "threshold": "i32",
         "out_ptr": "*" + _TY[out],
         "out_off_ptr": "*i64",
@@ -51,84 +69,65 @@ def _select_types(g="float32", w="bfloat16", out="int32"):
     }
 
 
-def select_kernels(target) -> int:
-    count = 0
-    levels = (
-        (32, tselect.SHIFT1, tselect.NB1),
-        (tselect.SHIFT1, tselect.SHIFT2, tselect.NB2),
-        (tselect.SHIFT2, 0, tselect.NB3),
-    )
-    dtypes = (("float32", "bfloat16", "int32"), ("bfloat16", "float32", "int64"), ("float16", "float16", "int32"))
-    for g, w, out in dtypes:
-        types = _select_types(g, w, out)
-        for scorer in range(5):
-            for prefix_shift, bin_shift, nbins in levels:
-                _compile(
-                    tselect._histogram_kernel,
-                    target,
-                    types,
-                    dict(
-                        PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift, NBINS=nbins, SCORER=scorer, BLOCK=tselect.BLOCK
-                    ),
-                )
-                count += 1
-            for kernel in (tselect._collect_kernel, tselect._count_kernel, tselect._compact_kernel):
-                extra = {"SHIFT": tselect.SHIFT1} if kernel is tselect._collect_kernel else {}
-                _compile(kernel, target, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK, **extra))
-                count += 1
-    return count
+SELECT_DTYPES = (("float32", "bfloat16", "int32"), ("bfloat16", "float32", "int64"), ("float16", "float16", "int32"))
+SELECT_LEVELS = {  # name -> (PREFIX_SHIFT, BIN_SHIFT, NBINS)
+    "histogram_l1": (32, tselect.SHIFT1, tselect.NB1),
+    "histogram_l2": (tselect.SHIFT1, tselect.SHIFT2, tselect.NB2),
+    "histogram_l3": (tselect.SHIFT2, 0, tselect.NB3),
+}
+SCALARS = {
+    "n": "i64",
+    "decay": "fp32",
+    "one_minus_beta1": "fp32",
+    "beta2": "fp32",
+    "one_minus_beta2": "fp32",
+    "step_size": "fp32",
+    "bc2_sqrt": "fp32",
+    "eps": "fp32",
+}
 
 
-def optimizer_and_scatter_kernels(target) -> int:
-    count = 0
-    scalars = {
-        "n": "i64",
-        "decay": "fp32",
-        "one_minus_beta1": "fp32",
-        "beta2": "fp32",
-        "one_minus_beta2": "fp32",
-        "step_size": "fp32",
-        "bc2_sqrt": "fp32",
-        "eps": "fp32",
-    }
-    _compile(
-        adamw._adamw_kernel,
-        target,
-        {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", **scalars},
-        dict(BLOCK=adamw.BLOCK),
-    )
-    count += 1
+def select_variants(g="float32", w="bfloat16", out="int32", scorers=range(5)):
+    """(name, kernel, types, constexprs) of every selection kernel for these dtypes and scorers."""
+    types = _select_types(g, w, out)
+    for scorer in scorers:
+        for name, (prefix_shift, bin_shift, nbins) in SELECT_LEVELS.items():
+            constexprs = dict(PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift, NBINS=nbins, SCORER=scorer)
+            yield name, tselect._histogram_kernel, types, dict(constexprs, BLOCK=tselect.BLOCK)
+        yield "collect", tselect._collect_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK, SHIFT=tselect.SHIFT1)
+        yield "count", tselect._count_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
+        yield "compact", tselect._compact_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
+
+
+def adamw_variant():
+    types = {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", **SCALARS}
+    return "sparse_adamw", adamw._adamw_kernel, types, dict(BLOCK=adamw.BLOCK)
+
+
+def weight_variants(wdtype="bfloat16", idx="int32"):
+    """The fused step, gather and scatter kernels for one weight dtype and index dtype."""
+    w, i = "*" + _TY[wdtype], "*" + _TY[idx]
+    state = {"d_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "n_weight": "i64"}
+    step_types = {"w_ptr": w, "wg_ptr": w, "idx_ptr": i, "base_ptr": w, **state, **SCALARS}
+    yield "fused_step", adamw._adamw_step_kernel, step_types, dict(BLOCK=adamw.BLOCK)
+    for acc in (False, True):
+        types = {"src_ptr": w, "idx_ptr": i, "out_ptr": "*fp32", "n": "i64", "n_src": "i64"}
+        name = "gather_acc" if acc else "gather"
+        yield name, scatter._gather_kernel, types, dict(ACCUMULATE=acc, BLOCK=scatter.BLOCK)
+    for has_base in (False, True):
+        types = {"dst_ptr": w, "idx_ptr": i, "val_ptr": "*fp32", "base_ptr": w, "n": "i64", "n_dst": "i64"}
+        name = "scatter_base" if has_base else "scatter"
+        yield name, scatter._scatter_kernel, types, dict(HAS_BASE=has_base, BLOCK=scatter.BLOCK)
+
+
+def variants():
+    """Every variant the launchers can ask for."""
+    for g, w, out in SELECT_DTYPES:
+        yield from select_variants(g, w, out)
+    yield adamw_variant()
     for wdtype in ("bfloat16", "float16", "float32"):
         for idx in ("int32", "int64"):
-            w, i = "*" + _TY[wdtype], "*" + _TY[idx]
-            step_types = {
-                "w_ptr": w,
-                "wg_ptr": w,
-                "idx_ptr": i,
-                "base_ptr": w,
-                "d_ptr": "*fp32",
-                "m_ptr": "*fp32",
-                "v_ptr": "*fp32",
-                "n_weight": "i64",
-                **scalars,
-            }
-            _compile(adamw._adamw_step_kernel, target, step_types, dict(BLOCK=adamw.BLOCK))
-            for acc in (False, True):
-                _compile(
-                    scatter._gather_kernel,
-                    target,
-                    {"src_ptr": w, "idx_ptr": i, "out_ptr": "*fp32", "n": "i64", "n_src": "i64"},
-                    dict(ACCUMULATE=acc, BLOCK=scatter.BLOCK),
-                )
-            for has_base in (False, True):
-                _compile(
-                    scatter._scatter_kernel,
-                    target,
-                    {"dst_ptr": w, "idx_ptr": i, "val_ptr": "*fp32", "base_ptr": w, "n": "i64", "n_dst": "i64"},
-                    dict(HAS_BASE=has_base, BLOCK=scatter.BLOCK),
-                )
-            count += 5
-    return count
+            yield from weight_variants(wdtype, idx)
 
 
 def main() -> int:
@@ -136,7 +135,10 @@ def main() -> int:
         print("the kernels are interpreted here: run with TRITON_INTERPRET=0", file=sys.stderr)
         return 2
     for name, target in TARGETS.items():
-        n = select_kernels(target) + optimizer_and_scatter_kernels(target)
+        n = 0
+        for _, kernel, types, constexprs in variants():
+            compile_variant(kernel, target, types, constexprs)
+            n += 1
         print(f"{name}: {n} kernel variants compiled to cubin")
     return 0
 

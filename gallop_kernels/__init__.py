@@ -6,7 +6,7 @@ Triton kernels run on CUDA tensors, the exact reference elsewhere (``GALLOP_BACK
 """
 
 from ._common import SCORERS, index_dtype
-from ._registry import backend
+from ._registry import InterpreterRequiredError, backend
 from .api import gather, scatter_, select_topk, sparse_adamw_, sparse_adamw_step_, weight_grad_at
 
 __version__ = "0.2.0"  # the one version of the gallop distribution (pyproject.toml and gallop read it)
@@ -18,6 +18,7 @@ __all__ = [
     "scatter_",
     "weight_grad_at",
     "backend",
+    "InterpreterRequiredError",
     "SCORERS",
     "index_dtype",
     "__version__",

@@ -31,6 +31,17 @@ OPS = {
 CHOICES = ("auto", "reference", "triton")
 
 
+class InterpreterRequiredError(RuntimeError):
+    """``GALLOP_BACKEND=triton`` on tensors that are not on a CUDA device, without Triton's interpreter: the
+    compiled kernels can only launch on GPU memory. Set ``TRITON_INTERPRET=1`` before triton is first imported (how
+    CI tests the kernels on the CPU), move the tensors to CUDA, or use ``GALLOP_BACKEND=reference``."""
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``; triton reads it when a kernel is defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 @functools.cache
 def _triton_importable() -> bool:
     try:
@@ -74,7 +85,23 @@ def backend(device: str | torch.device | None = None) -> str:
     return "triton" if torch.device(device).type == "cuda" and _triton_importable() else "reference"
 
 
+def _on_device(fn: Callable, device: torch.device, *args, **kwargs):
+    with torch.cuda.device(device):
+        return fn(*args, **kwargs)
+
+
 def implementation(op: str, device: torch.device) -> Callable:
-    """The function implementing ``op`` for tensors on ``device`` under the current backend choice."""
+    """The function implementing ``op`` for tensors on ``device`` under the current backend choice.
+
+    A Triton kernel launches on the current CUDA device, whatever its pointers say; so on CUDA the Triton function
+    runs with ``device`` made current (tensors on ``cuda:1`` while ``cuda:0`` is current launch on ``cuda:1``)."""
     kind = "triton" if backend(device) == "triton" and has_triton_kernel(op) else "reference"
-    return getattr(importlib.import_module(f"{__package__}.{OPS[op]}.{kind}"), op)
+    if kind == "triton" and torch.device(device).type != "cuda" and not interpreting():
+        raise InterpreterRequiredError(
+            f"{op}: GALLOP_BACKEND=triton on {torch.device(device).type} tensors needs Triton's interpreter: set "
+            f"TRITON_INTERPRET=1 before triton is imported, move the tensors to CUDA, or use GALLOP_BACKEND=reference"
+        )
+    fn = getattr(importlib.import_module(f"{__package__}.{OPS[op]}.{kind}"), op)
+    if kind == "triton" and torch.device(device).type == "cuda":
+        return functools.partial(_on_device, fn, torch.device(device))
+    return fn

@@ -41,3 +41,56 @@ def test_weight_grad_bench_agrees(tmp_path):
     assert weight_grad.main(["--quick", "--reps", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "weight_grad.json").read_text())["rows"]
     assert len(rows) == 2 * len(weight_grad.DENSITIES) and all(r["agree"] for r in rows)
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+.L_x_1:
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LDG.E.U16 R8, desc[UR4][R6.64] ;
+        /*0040*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0050*/                   FMUL R9, R4, R5 ;
+        /*0060*/                   ATOMS.POPC.INC.32 RZ, [R9+URZ] ;
+        /*0070*/              @!P0 BRA `(.L_x_1) ;
+        /*0080*/                   RED.E.ADD.64.STRONG.GPU desc[UR4][R2.64], R4 ;
+        /*0090*/                   EXIT ;
+.L_x_2:
+        /*00a0*/                   BRA `(.L_x_2);
+"""
+
+
+def test_roofline_reads_the_loop_body_and_the_widths():
+    from bench.roofline import Sass, counts, global_bytes_per_lane
+
+    sass = Sass.parse(SASS)
+    assert len(sass.instructions) == 11 and sass.labels == {".L_x_1": 0x20, ".L_x_2": 0xA0}
+    assert sass.loops() == [(0x20, 0x70)]  # the padding self-branch after EXIT is not a loop
+    body, is_loop, inner = sass.main_body()
+    assert is_loop and inner == 0 and [i[1] for i in body] == ["LDG", "LDG", "IADD3", "FMUL", "ATOMS", "BRA"]
+    c = counts(body)
+    assert (c["global_load"], c["alu_int"], c["alu"], c["shared_atomic"], c["branch"]) == (2, 1, 1, 1, 1)
+    assert global_bytes_per_lane(body) == 16 + 2 and global_bytes_per_lane(sass.instructions) == 16 + 2 + 8
+
+
+@pytest.mark.slow
+def test_roofline_finds_the_adamw_stream_memory_bound():
+    """The known case: AdamW reads p, g, m, v and writes p, m, v (28 bytes an entry) with a few dozen FLOPs, so
+    its compiled code must put it on the memory bound, with the bytes counted from its SASS equal to 28."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    script = (
+        "import json, bench.roofline as r\n"
+        "from bench.kernel_matrix import adamw_variant\n"
+        "c = r.analyse(*adamw_variant(), arch=90)\n"
+        "p = r.Prediction('sparse_adamw_', '2^30', [r.Pass(c, 1e7, 28e7)], launches=1, syncs=0).compute()\n"
+        "print(json.dumps({'bytes': c.global_bytes_per_element, 'bound': p.binding, 'bounds': p.bounds_ms}))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["bytes"] == 28.0 and out["bound"] == "memory", out

@@ -117,7 +117,7 @@ def _histogram_kernel(
         acc += tl.histogram(bins, NBINS)  # excluded lanes were counted in bin 0: subtracted below
         excluded += BLOCK - tl.sum(mask.to(tl.int32), 0)
     acc -= tl.where(tl.arange(0, NBINS) == 0, excluded, 0)
-    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), acc.to(tl.int64))
+    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), acc.to(tl.int64), sem="relaxed")  # order-free sums
 
 
 @triton.jit
@@ -133,11 +133,15 @@ def _collect_kernel(
     cand_key_ptr,
     cand_block_ptr,
     cand_count_ptr,
+    capacity,
     SHIFT: tl.constexpr,
     SCORER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Per block: above[block] = #{key >> SHIFT > b1}; append (key, block) for every key >> SHIFT == b1."""
+    """Per block: above[block] = #{key >> SHIFT > b1}; append (key, block) for every key >> SHIFT == b1.
+
+    The count is bumped by every block's full tally, but stores stay inside ``capacity`` (the buffer the histogram
+    sized): a count above it means the passes disagreed, which the host checks before using the buffer."""
     b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
     level1 = keys >> SHIFT
     block = first_block + b
@@ -145,10 +149,11 @@ def _collect_kernel(
     in_bin = mask & (level1 == b1)
     n_in = tl.sum(in_bin.to(tl.int32), 0)
     if n_in > 0:
-        start = tl.atomic_add(cand_count_ptr, n_in.to(tl.int64))
+        start = tl.atomic_add(cand_count_ptr, n_in.to(tl.int64), sem="relaxed")  # only uniqueness matters
         pos = start + tl.cumsum(in_bin.to(tl.int64), 0) - 1
-        tl.store(cand_key_ptr + pos, keys, mask=in_bin)
-        tl.store(cand_block_ptr + pos, block.to(tl.int64) + tl.zeros((BLOCK,), dtype=tl.int64), mask=in_bin)
+        keep = in_bin & (pos < capacity)
+        tl.store(cand_key_ptr + pos, keys, mask=keep)
+        tl.store(cand_block_ptr + pos, block.to(tl.int64) + tl.zeros((BLOCK,), dtype=tl.int64), mask=keep)
 
 
 @triton.jit
@@ -278,11 +283,19 @@ def _collect_candidates(x: _Inputs, b1: int, n_cand: int, need: int):
             cand_key,
             cand_block,
             cand_count,
+            n_cand,
             SHIFT=SHIFT1,
             SCORER=x.sid,
             BLOCK=BLOCK,
         )
-    threshold = int(torch.sort(cand_key, descending=True).values[need - 1])
+    kth = torch.sort(cand_key, descending=True).values[need - 1]
+    collected, threshold = torch.stack([cand_count[0], kth.to(torch.int64)]).tolist()  # one sync for both
+    if collected != n_cand:
+        raise RuntimeError(
+            f"select_topk: the collect pass found {collected} keys in the threshold bin where the histogram counted "
+            f"{n_cand}; the two passes must compute the same keys. This is a gallop_kernels bug: please report it "
+            f"(GALLOP_BACKEND=reference gives the exact result meanwhile)"
+        )
     above = above32.to(torch.int64)
     above += torch.bincount(cand_block[cand_key > threshold], minlength=x.total_blocks)
     ties = torch.bincount(cand_block[cand_key == threshold], minlength=x.total_blocks)

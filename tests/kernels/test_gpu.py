@@ -106,3 +106,24 @@ def test_fused_step_and_scatter_large(monkeypatch, dtype):
     assert torch.equal(w, want)
     gk.scatter_(w, idx, state[0], base=None)
     assert torch.equal(w[idx.long()], state[0].to(dtype))
+
+
+def test_one_tensor_above_2_to_the_31_elements(monkeypatch):
+    """Offsets past int32 inside one tensor (issue 16): selection returns int64 indices that reach the tail, and
+    gather / scatter_ / the fused step address it, on the compiled kernels."""
+    n = (1 << 31) + 4099
+    w = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    planted = torch.tensor([7, (1 << 31) - 1, 1 << 31, n - 1], device="cuda")
+    w[planted] = 0.0  # the four smallest magnitudes
+    monkeypatch.setenv("GALLOP_BACKEND", "triton")
+    (idx,) = gk.select_topk(None, [w], 4, scorer="magnitude")
+    assert idx.dtype == torch.int64 and torch.equal(idx, planted)
+    values = torch.tensor([1.5, 2.5, 3.5, 4.5], device="cuda")
+    gk.scatter_(w, idx, values)
+    assert torch.equal(gk.gather(w, idx), values) and float(w[8]) == 1.0
+    wg = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+    wg[planted] = 1.0
+    state = [torch.zeros(4, device="cuda") for _ in range(3)]
+    base = gk.gather(w, idx)
+    gk.sparse_adamw_step_(w, wg, idx, base, *state, step=1, lr=0.25)
+    assert torch.equal(gk.gather(w, idx), values - 0.25) and float(w[n - 2]) == 1.0

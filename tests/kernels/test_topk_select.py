@@ -266,6 +266,25 @@ def test_triton_many_blocks(monkeypatch, device, scorer, cap):
             _check(grads, weights, k, scorer)
 
 
+@pytest.mark.parametrize("miscount", [+1, -1], ids=["histogram-over", "histogram-under"])
+def test_triton_checks_the_candidate_count_and_never_stores_past_the_buffer(monkeypatch, device, miscount):
+    """If the histogram and the collect pass ever disagreed on the threshold bin's count, the collect kernel must
+    not store past the buffer the histogram sized, and the host must refuse the result (issue 16)."""
+    monkeypatch.setenv("GALLOP_BACKEND", "triton")
+    monkeypatch.setattr(tselect, "BLOCK", 16)
+    real = tselect._level1_histogram
+
+    def miscounted(x):
+        hist = real(x)
+        return hist + 1 if miscount > 0 else hist - (hist > 1).to(hist.dtype)
+
+    monkeypatch.setattr(tselect, "_level1_histogram", miscounted)
+    gen = torch.Generator().manual_seed(1)
+    grads, weights = _data("normal", [(40, 9), (33,)], torch.float32, gen)
+    with pytest.raises(RuntimeError, match="the two passes must compute the same keys"):
+        gk.select_topk([g.to(device) for g in grads], [w.to(device) for w in weights], 50)
+
+
 def test_triton_int64_indices(monkeypatch, device):
     monkeypatch.setenv("GALLOP_BACKEND", "triton")
     monkeypatch.setattr(_common, "INT32_LIMIT", 50)
@@ -275,3 +294,13 @@ def test_triton_int64_indices(monkeypatch, device):
     got = gk.select_topk(grads, weights, 60)
     assert [g.dtype for g in got] == [torch.int32, torch.int64]
     assert all(torch.equal(g.cpu().long(), w) for g, w in zip(got, brute_force_topk(grads, weights, 60)))
+
+
+def test_nan_scores_from_eps_zero_are_named_on_both_backends(backend):
+    """Issue 20: with eps=0, zero gradients on zero weights score 0/0 = NaN (with its sign bit set on x86); the
+    reference raised a bare torch.bincount error, the Triton path the clear one. Now both say the same."""
+    w = [torch.ones(6), torch.zeros(5)]
+    g = [torch.ones(6), torch.zeros(5)]
+    with pytest.raises(ValueError, match=r"tensor 1 contain NaN or Inf.*raise eps"):
+        gk.select_topk(g, w, 3, eps=0.0)
+    assert [i.tolist() for i in gk.select_topk(g, w, 3, eps=1e-8)] == [[0, 1, 2], []]
