@@ -53,6 +53,8 @@ def _select_types(g="float32", w="bfloat16", out="int32"):
         "tkey": "i64",
         "prefix": "i32",
         "n_blocks": "i32",
+        "block_stride": "i32",
+        "invalid_ptr": "*i32",
         "b1": "i32",
         "first_block": "i64",
         "above_ptr": "*i32",
@@ -94,7 +96,9 @@ def select_variants(g="float32", w="bfloat16", out="int32", scorers=range(5)):
         for name, (prefix_shift, bin_shift, nbins) in SELECT_LEVELS.items():
             constexprs = dict(PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift, NBINS=nbins, SCORER=scorer)
             yield name, tselect._histogram_kernel, types, dict(constexprs, BLOCK=tselect.BLOCK)
-        yield "collect", tselect._collect_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK, SHIFT=tselect.SHIFT1)
+        for check in (False, True):
+            constexprs = dict(SCORER=scorer, BLOCK=tselect.BLOCK, SHIFT=tselect.SHIFT1, CHECK_INVALID=check)
+            yield ("collect_checked" if check else "collect"), tselect._collect_kernel, types, constexprs
         yield "count", tselect._count_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
         yield "compact", tselect._compact_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
 

@@ -268,6 +268,7 @@ def measure(fn):
         fn()
     return {"launches": launches[0], "syncs": mode.syncs}
 
+tselect.SAMPLE_MIN_BLOCKS = 1  # count the path a large call takes (level 1 from sampled blocks)
 gen = torch.Generator().manual_seed(0)
 out = {}
 for tensors in (1, 226):
@@ -283,7 +284,8 @@ out["fused_step"] = measure(lambda: gk.sparse_adamw_step_(w, wg, idx, base, d, m
 out["fused_step checked"] = measure(lambda: gk.sparse_adamw_step_(w, wg, idx, base, d, m, v, step=1, lr=1e-3))
 out["scatter_"] = measure(lambda: gk.scatter_(w, idx, d, base=base, **kw))
 out["scatter_ checked"] = measure(lambda: gk.scatter_(w, idx, d, base=base))
-out["sparse_adamw_"] = measure(lambda: gk.sparse_adamw_(d, d.clone(), m, v, step=1, lr=1e-3))
+out["sparse_adamw_"] = measure(lambda: gk.sparse_adamw_(d, d.clone(), m, v, step=1, lr=1e-3, nonfinite="assume_finite"))
+out["sparse_adamw_ checked"] = measure(lambda: gk.sparse_adamw_(d, d.clone(), m, v, step=1, lr=1e-3))
 print(json.dumps(out))
 """
 
@@ -353,8 +355,9 @@ class Prediction:
 
 def predict(codes: dict[str, KernelCode], host: dict) -> list[Prediction]:
     from bench.shapes import llama8b_shapes
+    from gallop_kernels.topk_select.triton import BLOCK, SAMPLE_MIN_BLOCKS, SAMPLE_STRIDE
 
-    h1, collect, compact = codes["histogram_l1"], codes["collect"], codes["compact"]
+    h1, compact = codes["histogram_l1"], codes["compact"]
     programs = 4 * SMS
     rows = []
     for shape, sizes, host_key in (("2^30", [N30], "select_topk x1"), ("llama8b", None, "select_topk x226")):
@@ -362,8 +365,11 @@ def predict(codes: dict[str, KernelCode], host: dict) -> list[Prediction]:
         n = float(sum(sizes))
         k = n / 100
         pair = 6.0  # fp32 grad + bf16 weight per element
+        sampled = n / BLOCK >= SAMPLE_MIN_BLOCKS  # the large-call path: level 1 from every SAMPLE_STRIDE-th block
+        read = n / SAMPLE_STRIDE if sampled else n
+        collect = codes["collect_checked" if sampled else "collect"]
         passes = [
-            Pass(h1, n, pair * n, programs * len(sizes)),
+            Pass(h1, read, pair * read, min(programs, read / BLOCK / 16) * len(sizes)),
             Pass(collect, n, pair * n),
             Pass(compact, n, pair * n + 4 * k),
         ]
@@ -384,7 +390,7 @@ def predict(codes: dict[str, KernelCode], host: dict) -> list[Prediction]:
 def kernel_codes(arch: int) -> dict[str, KernelCode]:
     from bench.kernel_matrix import adamw_variant, select_variants, weight_variants
 
-    wanted = {"histogram_l1", "histogram_l2", "histogram_l3", "collect", "count", "compact"}
+    wanted = {"histogram_l1", "histogram_l2", "histogram_l3", "collect", "collect_checked", "count", "compact"}
     variants = [v for v in select_variants("float32", "bfloat16", "int32", scorers=[0]) if v[0] in wanted]
     variants += [v for v in weight_variants("bfloat16", "int32") if v[0] in ("fused_step", "scatter_base", "gather")]
     variants.append(adamw_variant())

@@ -266,6 +266,81 @@ def test_triton_many_blocks(monkeypatch, device, scorer, cap):
             _check(grads, weights, k, scorer)
 
 
+def _sampled(monkeypatch, stride=4):
+    """The large-call path on small tensors: level 1 from every ``stride``-th block of 16 elements."""
+    monkeypatch.setenv("GALLOP_BACKEND", "triton")
+    monkeypatch.setattr(tselect, "BLOCK", 16)
+    monkeypatch.setattr(tselect, "SAMPLE_MIN_BLOCKS", 1)
+    monkeypatch.setattr(tselect, "SAMPLE_STRIDE", stride)
+    calls = {"exact level 1": 0, "sampled level 1": 0}
+    real = tselect._level1_histogram
+
+    def counted(x, stride=1):
+        calls["exact level 1" if stride == 1 else "sampled level 1"] += 1
+        return real(x, stride)
+
+    monkeypatch.setattr(tselect, "_level1_histogram", counted)
+    return calls
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("kind", ["normal", "quantized", "constant"])
+def test_triton_sampled_level1_is_exact(monkeypatch, device, scorer, kind):
+    """A sampled level 1 only guides the collect pass: the result equals the oracle whether the sample's bin is
+    confirmed (the common case) or the exact path reruns."""
+    calls = _sampled(monkeypatch)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"sampled/{scorer}/{kind}".encode()))
+    grads, weights = _data(kind, [(40, 13), (1,), (300,), (0,), (9, 17)], torch.float32, gen)
+    grads, weights = [g.to(device) for g in grads], [w.to(device) for w in weights]
+    total = sum(w.numel() for w in weights)
+    for k in (1, 37, total // 3, total - 5, total):  # confirmed or rerun (a sample this small errs): exact
+        _check(grads, weights, k, scorer)
+    assert calls["sampled level 1"] == 5  # every call took the large-call path first
+
+
+@pytest.mark.parametrize("scorer", [s for s in SCORERS if s != "random"])  # random keys hash the index
+def test_triton_a_representative_sample_is_confirmed(monkeypatch, device, scorer):
+    """When the sampled blocks are representative (here: every block holds the same values, so the sample's
+    histogram is the full one scaled), the sample's bin is the k-th key's and the exact level 1 never runs."""
+    calls = _sampled(monkeypatch)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"confirmed/{scorer}".encode()))
+    block_w, block_g = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    weights = [block_w.repeat(24).to(device), block_w.repeat(8).to(device)]
+    grads = [block_g.repeat(24).to(device), block_g.repeat(8).to(device)]
+    for k in (5, 100, 250):
+        _check(grads, weights, k, scorer)
+    assert calls["exact level 1"] == 0
+
+
+def test_triton_a_misjudged_sampled_bin_falls_back_to_the_exact_path(monkeypatch, device):
+    calls = _sampled(monkeypatch)
+    real = tselect._level1_histogram
+
+    def shifted(x, stride=1):  # the sample points 8 bins too high: the exact counts must refuse it
+        hist = real(x, stride)
+        return torch.roll(hist, 8) if stride > 1 else hist
+
+    monkeypatch.setattr(tselect, "_level1_histogram", shifted)
+    gen = torch.Generator().manual_seed(3)
+    grads, weights = _data("normal", [(50, 11), (77,)], torch.float32, gen)
+    _check([g.to(device) for g in grads], [w.to(device) for w in weights], 60, "gallop")
+    assert calls["exact level 1"] == 1  # refused, then the exact path ran
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "eps0"])
+def test_triton_sampled_level1_finds_a_non_finite_score_in_an_unread_block(monkeypatch, device, bad):
+    _sampled(monkeypatch, stride=8)
+    weights = [torch.ones(16 * 24, device=device), torch.ones(16 * 40, device=device)]
+    grads = [torch.ones_like(w) for w in weights]
+    # block 1 of tensor 1 (elements 16..31) is not among every 8th block
+    if bad == "eps0":
+        weights[1][20], grads[1][20] = 0.0, 0.0  # 0 / (0 + 0) = NaN, a sign-bit key
+    else:
+        grads[1][20] = float(bad)
+    with pytest.raises(ValueError, match=r"scores of tensor 1 contain NaN or Inf"):
+        gk.select_topk(grads, weights, 10, eps=0.0 if bad == "eps0" else 1e-8)
+
+
 @pytest.mark.parametrize("miscount", [+1, -1], ids=["histogram-over", "histogram-under"])
 def test_triton_checks_the_candidate_count_and_never_stores_past_the_buffer(monkeypatch, device, miscount):
     """If the histogram and the collect pass ever disagreed on the threshold bin's count, the collect kernel must
