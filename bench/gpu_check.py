@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -121,16 +122,18 @@ def run_step(index: int, step: Step, out: Path, rehearsal: bool, deadline: float
     with open(log, "w") as f:
         f.write(f"$ python {' '.join(argv)}\n")
         f.flush()
+        # its own session, so an overrun kills the whole tree (the train-step bench starts one child per method)
+        env = _env(step, rehearsal)
+        child = subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            child = [sys.executable, *argv]
-            env = _env(step, rehearsal)
-            rc = subprocess.run(
-                child, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
-            timed_out = False
+            rc, timed_out = child.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
             rc, timed_out = 124, True
-            f.write(f"\n[gpu_check] killed after {timeout:.0f} s (budget {budget:.0f} s)\n")
+            f.write(f"\n[gpu_check] killed after {timeout:.0f} s (budget {budget:.0f} s), with its children\n")
     seconds = time.monotonic() - t0
     missing = [name for name in step.outputs if not (folder / name).is_file()]
     record = {

@@ -48,6 +48,32 @@ def test_a_step_that_overruns_is_killed_and_recorded(tmp_path, monkeypatch):
     assert "killed after" in (tmp_path / "01-slow.txt").read_text()
 
 
+def test_an_overrun_kills_the_step_s_children_too(tmp_path):
+    """The train-step bench runs one child process per method: a killed step must not leave one on the GPU."""
+    import time
+
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    spawn = f'-c "{code}"'
+    step = gpu_check.Step("tree", spawn, spawn, budget_s=3, rehearsal_budget_s=3)
+    record = gpu_check.run_step(1, step, tmp_path, rehearsal=True, deadline=float("inf"))
+    assert record["timed_out"]
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # SIGKILL is delivered at once; a zombie not yet reaped by init counts as gone
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the grandchild {pid} survived its step's timeout")
+
+
 @pytest.mark.parametrize("bad", ["nosuch", "tests,nosuch"])
 def test_unknown_steps_are_refused(bad, capsys, tmp_path):
     with pytest.raises(SystemExit):
