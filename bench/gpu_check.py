@@ -6,13 +6,14 @@
 A device is lent for 15 minutes in all and one command may run 10, so the run is a fixed sequence of steps, each a
 child process under its own time budget (killed when it overruns), in the order of what matters most:
 
-1. ``tests``: the kernel tests on CUDA tensors and the GPU-only tests (``-m "gpu or not slow"``). Tests that run
-   the Triton kernels on CPU tensors need Triton's interpreter, which a CUDA machine does not use: they are
-   skipped there with that reason (``tests/conftest.py``), never failed.
-2. ``kernels``: every kernel against its torch baseline (``bench/kernels.py``).
-3. ``train_1.1b``: one training step of every method at the 1.1B shape (``bench/train_step.py``).
-4. ``weight_grad``: ``weight_grad_at``'s dense vs sampled crossover on CUDA (``bench/weight_grad.py``).
-5. ``train_8b``: GaLLoP, LoRA and full fine-tuning at the LLaMA3-8B shape, gradient checkpointing.
+1. ``tests`` (120 s): the kernel tests on CUDA tensors and the GPU-only tests (``-m "gpu or not slow"``), one line
+   per test as it ends. Tests that run the Triton kernels on CPU tensors need Triton's interpreter, which a CUDA
+   machine does not use: they are skipped there with that reason (``tests/conftest.py``), never failed.
+2. ``kernels`` (60 s): every kernel against its torch baseline (``bench/kernels.py``, JSON after every size).
+3. ``train_1.1b`` (75 s): a training step of GaLLoP 1%, LoRA and full fine-tuning at the 1.1B shape
+   (``bench/train_step.py``, JSON after every method).
+4. ``weight_grad`` (30 s): ``weight_grad_at``'s dense vs sampled crossover on CUDA (``bench/weight_grad.py``).
+5. ``train_8b`` (75 s): the same three methods at the LLaMA3-8B shape, gradient checkpointing.
 
 Each step writes ``NN-name.txt`` (its output) and its own result files under ``NN-name/`` as soon as it ends, and
 ``summary.json`` is rewritten after every step, so a run cut short still returns everything before the cut. The
@@ -50,14 +51,19 @@ class Step:
     outputs: tuple[str, ...] = ()  # files the step must write into its folder
 
 
-_TESTS = f"-m pytest -q -p no:cacheprovider --junitxml={{out}}/junit.xml -m 'gpu or not slow' {' '.join(TEST_PATHS)}"
+# -v: one line per test as it ends, so a step cut at its budget still reports every test it ran
+_TESTS = "-m pytest -v --tb=short -p no:cacheprovider --junitxml={out}/junit.xml -m 'gpu or not slow' " + " ".join(
+    TEST_PATHS
+)
 _TINY = "--shape tiny --steps 1 --warmup 1 --out {out}"
+# GaLLoP first, then its baselines (each method is a fresh process: imports, CUDA init and Triton compiles included)
+_STEP = "--methods gallop-1%,lora,full --steps 3 --warmup 1"
 STEPS = [
     Step(
         "tests",
         _TESTS,
         _TESTS,  # the same selection: without the interpreter the Triton-on-CPU tests skip, as on the device
-        budget_s=150,
+        budget_s=120,
         rehearsal_budget_s=240,
         outputs=("junit.xml",),
     ),
@@ -65,15 +71,15 @@ STEPS = [
         "kernels",
         "bench/kernels.py --out {out}",
         "bench/kernels.py --device cpu --quick --out {out}",
-        budget_s=75,
+        budget_s=60,
         rehearsal_budget_s=120,
         outputs=("kernels.json",),
     ),
     Step(
         "train_1.1b",
-        "bench/train_step.py --shape 1.1b --device cuda --out {out}",
-        f"bench/train_step.py {_TINY}",
-        budget_s=60,
+        f"bench/train_step.py --shape 1.1b --device cuda {_STEP} --out {{out}}",
+        f"bench/train_step.py {_TINY} --methods gallop-1%,lora,full",
+        budget_s=75,
         rehearsal_budget_s=240,
         outputs=("train_step.json",),
     ),
@@ -87,10 +93,9 @@ STEPS = [
     ),
     Step(
         "train_8b",
-        "bench/train_step.py --shape 8b --device cuda --methods gallop-1%,lora,full --gradient-checkpointing "
-        "--out {out}",
+        f"bench/train_step.py --shape 8b --device cuda {_STEP} --gradient-checkpointing --out {{out}}",
         f"bench/train_step.py {_TINY} --methods gallop-1%,lora,full --gradient-checkpointing",
-        budget_s=45,
+        budget_s=75,
         rehearsal_budget_s=180,
         outputs=("train_step.json",),
     ),

@@ -239,7 +239,9 @@ def _combine(rounds: list[dict]) -> dict:
     return row
 
 
-def parent(args) -> dict:
+def parent(args, out: Path | None = None) -> dict:
+    """Every method in its own process; with ``out``, ``train_step.json`` is rewritten after each one (marked
+    ``partial``), so a run cut short keeps the methods it finished."""
     import torch
 
     methods = args.methods.split(",")
@@ -250,6 +252,11 @@ def parent(args) -> dict:
         for method in methods:
             row = _run_child(args, method)
             rounds[method].append(row)
+            if out is not None:
+                done = [_combine(rounds[m]) for m in methods if rounds[m]]
+                (out / "train_step.json").write_text(
+                    json.dumps({**results, "partial": True, "methods": done}, indent=1)
+                )
             if "error" not in row:
                 print(
                     f"[{repeat + 1}/{args.repeats}] {method:<24} {row['ms_per_step']:9.1f} ms/step "
@@ -321,9 +328,9 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    results = parent(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = parent(args, out)
     (out / "train_step.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "train_step.png")
     return 0 if all("error" not in r for r in results["methods"]) else 1

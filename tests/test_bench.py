@@ -94,3 +94,20 @@ def test_roofline_finds_the_adamw_stream_memory_bound():
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["bytes"] == 28.0 and out["bound"] == "memory", out
+
+
+def test_train_step_writes_each_method_as_it_finishes(tmp_path, monkeypatch):
+    """The device run cuts a step at its budget: the methods finished before the cut must be on disk."""
+    from bench import train_step
+
+    def one_method(args, method):
+        if method == "lora":
+            raise KeyboardInterrupt  # stands for the kill at the budget
+        row = {"method": method, "ms_per_step": 10.0, "batch": 2, "seq": 16, "peak_mib": 1.0, "setup_mib": 1.0}
+        return {**row, "tokens_per_s": 3200.0, "trainable": 7}
+
+    monkeypatch.setattr(train_step, "_run_child", one_method)
+    with pytest.raises(KeyboardInterrupt):
+        train_step.main(["--shape", "tiny", "--methods", "gallop-1%,lora,full", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "train_step.json").read_text())
+    assert saved["partial"] and [m["method"] for m in saved["methods"]] == ["gallop-1%"]
