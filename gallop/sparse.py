@@ -438,13 +438,18 @@ class SparseModel(nn.Module):
         """Refuse (before anything is copied) deltas that hold NaN or Inf, or whose merged value overflows an fp16
         weight: loading them would put a non-finite value into the weights."""
         by_name = {t.name: t for t in self._targets}
+        checked = []
         for name, d in deltas.items():
             t = by_name[name]
             if not isinstance(d, torch.Tensor) or d.numel() != t.delta.numel():
                 continue  # load_state_dict / load_deltas_ report the shape themselves
-            d = d.detach().reshape(-1).to(t.delta.device, torch.float32)
-            merged = (t.base + d).to(t.weight.dtype)
-            if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(merged).all())):
+            checked.append(
+                (name, t, self._bad_entries(t, False, d.detach().reshape(-1).to(t.delta.device, torch.float32)))
+            )
+        if not checked or bool(torch.stack([c for _, _, checks in checked for c in checks]).all()):  # one sync
+            return
+        for name, t, checks in checked:
+            if not all(bool(c) for c in checks):
                 raise ValueError(
                     f"{argument} holds NaN or Inf for the delta of {name!r} (or base + delta overflows its "
                     f"{t.weight.dtype} weight); nothing was loaded. Load a checkpoint saved before training diverged"
@@ -492,10 +497,13 @@ class SparseModel(nn.Module):
             self._write(targets)
 
     @staticmethod
-    def _bad_entries(t: _Target, deltas_finite: bool) -> list[torch.Tensor]:
-        checks = [] if deltas_finite else [torch.isfinite(t.delta.detach()).all()]
+    def _bad_entries(t: _Target, deltas_finite: bool, delta: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """0-d bool tensors, all True when writing ``cast(base + delta)`` (default: the target's own delta) puts
+        no NaN or Inf into the weight."""
+        d = t.delta.detach() if delta is None else delta
+        checks = [] if deltas_finite else [torch.isfinite(d).all()]
         if t.weight.dtype == torch.float16:  # the one weight dtype a finite fp32 sum can overflow
-            checks.append(torch.isfinite((t.base + t.delta.detach()).to(torch.float16)).all())
+            checks.append(torch.isfinite((t.base + d).to(torch.float16)).all())
         return checks
 
     def _check_finite(self, targets, deltas_finite: bool = False) -> None:
@@ -715,13 +723,12 @@ class SparseModel(nn.Module):
             if precision not in ("bf16", "fp32"):
                 raise ValueError(f"precision must be 'bf16' or 'fp32' (or use save_deltas=True), got {precision!r}")
             save_deltas = save_deltas or precision == "fp32"
-        if metrics is not None:
-            _checked_metrics(metrics)
+        stored_metrics = None if metrics is None else _checked_metrics(metrics)  # refused before anything is written
         self.sync()
         states = self.export_state()
         config = self.adapter_config(states)
-        if metrics:
-            config["metrics"] = _checked_metrics(metrics)
+        if stored_metrics:
+            config["metrics"] = stored_metrics
         tensors = [
             adapters.AdapterTensor(s.name, s.shape, s.dtype, s.indices, s.values, s.delta if save_deltas else None)
             for s in states
