@@ -14,7 +14,8 @@ Its gradient comes from autograd:
 
 The module's ``forward`` is replaced on the instance (``install``) and restored by ``uninstall``; its state dict
 keys (the delta is left out of them: it is the SparseModel's state), type and weights are unchanged. ``guard``
-makes a module refuse dtype casts, which would round the fp32 deltas and bases.
+makes a module refuse dtype casts, which would round the fp32 deltas and bases, and weight loads, which would
+put the selected entries out of step with the deltas.
 """
 
 from __future__ import annotations
@@ -181,9 +182,16 @@ def _drop_delta_key(module: nn.Module, state_dict: dict, prefix: str, local_meta
     state_dict.pop(prefix + DELTA, None)
 
 
-def _delta_key_not_missing(module: nn.Module, incompatible_keys: Any) -> None:
-    """The other half: loading the model's own state dict does not report the delta as a missing key."""
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k.rpartition(".")[2] != DELTA]
+def _refuse_load(module: nn.Module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """Loading weights into a module that holds or contains a selected weight would leave its selected entries out
+    of step with the deltas (the next step writes ``cast(base + delta)`` back over them): refused, before anything
+    is loaded (the hook sits on every such module, so the load's root refuses first)."""
+    raise RuntimeError(
+        "this module's weights are managed by a SparseModel (its selected entries hold cast(base + delta)), so "
+        "loading weights into it would put them out of step with the deltas: load an adapter with "
+        "SparseModel.from_pretrained or sparse.load_state_dict, or call sparse.merge_and_unload() and load into the "
+        "plain model"
+    )
 
 
 def check_keeps_dtypes(fn: Any, device: torch.device, what: str = "a SparseModel's model") -> None:
@@ -212,14 +220,19 @@ class _GuardedApply:
 
 
 def guard(module: nn.Module) -> None:
-    """Make ``module`` (a selected module or one that contains one) refuse dtype casts; ``unguard`` undoes it."""
+    """Make ``module`` (a selected module or one that contains one) refuse dtype casts and weight loads;
+    ``unguard`` undoes it."""
     if "_apply" not in module.__dict__:
         module.__dict__["_apply"] = _GuardedApply(module)
+        module.register_load_state_dict_pre_hook(_refuse_load)
 
 
 def unguard(module: nn.Module) -> None:
     if isinstance(module.__dict__.get("_apply"), _GuardedApply):
         del module.__dict__["_apply"]
+        hooks = module._load_state_dict_pre_hooks
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _refuse_load]:
+            del hooks[key]
 
 
 def install(module: nn.Module, delta: nn.Parameter, indices: torch.Tensor, base: torch.Tensor) -> None:
@@ -228,7 +241,6 @@ def install(module: nn.Module, delta: nn.Parameter, indices: torch.Tensor, base:
     module.register_buffer(INDICES, indices, persistent=False)
     module.register_buffer(BASE, base, persistent=False)
     module.register_state_dict_post_hook(_drop_delta_key)
-    module.register_load_state_dict_post_hook(_delta_key_not_missing)
     module.forward = _SparseForward(module, kind_of(module))
 
 
@@ -238,12 +250,8 @@ def uninstall(module: nn.Module) -> None:
     for name in (DELTA, INDICES, BASE):
         if hasattr(module, name):
             delattr(module, name)
-    for hooks, ours in (
-        (module._state_dict_hooks, _drop_delta_key),
-        (module._load_state_dict_post_hooks, _delta_key_not_missing),
-    ):
-        for key in [k for k, h in hooks.items() if h is ours]:
-            del hooks[key]
+    for key in [k for k, h in module._state_dict_hooks.items() if h is _drop_delta_key]:
+        del module._state_dict_hooks[key]
 
 
 def is_installed(module: nn.Module) -> bool:

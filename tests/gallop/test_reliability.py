@@ -327,7 +327,23 @@ def test_transformers_save_pretrained_of_a_wrapped_model_writes_the_plain_merged
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     mine = model.state_dict()
     assert all(torch.equal(v, mine[k]) for k, v in reloaded.state_dict().items())  # the trained weights
-    model.load_state_dict(reloaded.state_dict())  # strict: the delta is not reported missing
+
+
+@pytest.mark.parametrize("into", ["model", "submodule"])
+def test_loading_weights_into_a_wrapped_model_is_refused_before_anything_changes(into):
+    """Loaded weights would be out of step with the deltas (the next step writes cast(base + delta) over them)."""
+    model, sel = setup()
+    sparse = SparseModel(model, sel)
+    train(sparse, SparseAdamW(sparse, lr=1e-2), random_batches(1))
+    target = model if into == "model" else model.model.layers[0]
+    other = {k: torch.zeros_like(v) for k, v in target.state_dict().items()}
+    before = _model_state(model)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="managed by a SparseModel"):
+            target.load_state_dict(other, strict=strict)
+        assert _same_state(before, _model_state(model))
+    plain = sparse.merge_and_unload()
+    plain.load_state_dict({k: v.clone() for k, v in plain.state_dict().items()})  # the plain model loads again
 
 
 def test_load_model_on_a_folder_without_a_tokenizer_says_so(tmp_path):
