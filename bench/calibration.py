@@ -82,8 +82,10 @@ def plan(n_params: float, n_eligible: float, largest: float, density: float = 0.
     return {
         "weights_GB": weights / 1e9,
         **{f"calibration_{m}_GB": (weights + BYTES_PER_ELIGIBLE[m] * n_eligible + 2 * largest) / 1e9 for m in MODES},
-        # Triton selection: output 4 B/k, candidates <= 12 B x 32M, per-block arrays ~40 B per 2048 elements
-        "selection_GB": (weights + 4 * k + 12 * min(2**25, 0.01 * n_eligible) + 40 * n_eligible / 2048) / 1e9,
+        # Triton selection: output 4 B/k, the bit mask n/8, per-block arrays 12 B per 2048 elements, candidates
+        # 1.25 x 8% of k x 12 B (<= 12 B x 32M; freed before the outputs)
+        "selection_GB": (weights + 4 * k + n_eligible / 8 + 12 * n_eligible / 2048) / 1e9
+        + 12 * min(2**25, 1.25 * 0.08 * k) / 1e9,
         # training: fp32 delta, base, grad, two moments, the gradients' flat copy (24 B) + int32 index (4 B) per k,
         # and one layer's dense weight gradient inside weight_grad_at
         "training_GB": (weights + 28 * k + 2 * largest) / 1e9,

@@ -55,12 +55,23 @@ def _select_types(g="float32", w="bfloat16", out="int32"):
         "n_blocks": "i32",
         "block_stride": "i32",
         "invalid_ptr": "*i32",
-        "b1": "i32",
+        "level": "i32",
+        "mask_ptr": "*i32",
+        "cand_pos_ptr": "*i64",
+        "pos_ptr": "*i64",
+        "counts_ptr": "*i32",
+        "block_tensor_ptr": "*i32",
+        "out_table_ptr": "*i64",
+        "first_block_ptr": "*i64",
+        "out_start_ptr": "*i64",
+        "out_len_ptr": "*i64",
+        "wide_ptr": "*i64",
+        "total_blocks": "i64",
+        "k": "i64",
         "first_block": "i64",
         "above_ptr": "*i32",
         "ties_ptr": "*i32",
         "cand_key_ptr": "*i32",
-        "cand_block_ptr": "*i64",
         "cand_count_ptr": "*i64",
         "capacity": "i64",
         "threshold": "i32",
@@ -96,11 +107,16 @@ def select_variants(g="float32", w="bfloat16", out="int32", scorers=range(5)):
         for name, (prefix_shift, bin_shift, nbins) in SELECT_LEVELS.items():
             constexprs = dict(PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift, NBINS=nbins, SCORER=scorer)
             yield name, tselect._histogram_kernel, types, dict(constexprs, BLOCK=tselect.BLOCK)
-        for check in (False, True):
-            constexprs = dict(SCORER=scorer, BLOCK=tselect.BLOCK, SHIFT=tselect.SHIFT1, CHECK_INVALID=check)
-            yield ("collect_checked" if check else "collect"), tselect._collect_kernel, types, constexprs
+        for dense in (False, True):
+            constexprs = dict(SCORER=scorer, BLOCK=tselect.BLOCK, SHIFT=tselect.SHIFT1, DENSE=dense)
+            yield ("collect_dense" if dense else "collect"), tselect._collect_kernel, types, constexprs
         yield "count", tselect._count_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
-        yield "compact", tselect._compact_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
+        yield "compact_keys", tselect._compact_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
+    masks = dict(GROUP=tselect.GROUP, BLOCK=tselect.BLOCK)
+    yield "set_bits", tselect._set_bits_kernel, types, dict(BLOCK=tselect.SET_BLOCK)
+    yield "popcount", tselect._popcount_kernel, types, masks
+    for wide in (0, 1):
+        yield ("compact_wide" if wide else "compact"), tselect._compact_mask_kernel, types, dict(masks, WIDE=wide)
 
 
 def adamw_variant():

@@ -49,8 +49,16 @@ SMS, SCHEDULERS, CLOCK_HZ = 132, 4, 1.98e9
 COPY_BPS = 4.24e12
 LAUNCH_S = 20e-6  # host time of one Triton launch from Python (the launcher, argument packing)
 SYNC_S = 15e-6  # one host sync (.item(), .tolist(), nonzero) on an idle stream, round trip
+TORCH_OP_S = 5e-6  # host time of one torch call that makes a new tensor on CUDA (dispatch + launch)
 SECTOR = 32  # bytes: the DRAM/L2 access granularity a scattered entry costs
 N30 = 1 << 30
+SORT_S_PER_KEY = 2 * 46.6e-3 / N30  # torch.sort: 46.6 ms for 2^30 fp32 keys on the H200; int64 keys twice that
+SORT_MIN_S = 30e-6  # a small sort's fixed cost (several CUB passes and launches)
+# The selection's common path (bench/kernel_matrix.py names) and the share of k in the threshold bin: 0.065-0.093
+# at 0.1-10% for |g|/|w| of normal and of LLM-like (heavy-tailed g, w ~ 0.02 N(0, 1) in bf16) data, measured on
+# 2^22 samples (2026-12-03); the model takes 0.08.
+SELECT_KERNELS = ("histogram_l1", "collect", "popcount", "set_bits", "compact")
+CANDIDATES_PER_K = 0.08
 TORCH_MS = {  # ../shared/baselines/README.md, H200, torch 2.11 (the same-run figures replace them on a device)
     "select_topk 2^30": 12.0 + 20.3,  # score + torch.topk(1%)
     "select_topk llama8b": 258.0,  # per-tensor score + topk: torch's global top-k crashes at 8B
@@ -142,23 +150,29 @@ class Sass:
                 out.append((self.labels[m.group(1)], addr))
         return out
 
-    def main_body(self) -> tuple[list[tuple[int, str, str, str]], bool, int]:
-        """The instructions that run once per block: the loop holding the most global loads (a persistent
-        kernel's loop over blocks) or the whole kernel. Returns (instructions, is_loop, inner loops inside)."""
+    def main_body(self, persistent: bool = True) -> tuple[list[tuple[int, str, str, str]], bool, list]:
+        """The instructions that run once per block. A persistent kernel (``persistent``): the loop holding the
+        most global loads (its loop over blocks); else, or when no loop loads, the whole kernel. Returns
+        (instructions, is_loop, the (start, end) ranges of the loops inside it)."""
         best, best_loads = None, 0
-        for start, end in self.loops():
+        for start, end in self.loops() if persistent else ():
             loads = sum(1 for a, op, _, _ in self.instructions if start <= a <= end and op == "LDG")
             if loads > best_loads or (loads == best_loads and best and end - start > best[1] - best[0]):
                 best, best_loads = (start, end), loads
         if best is None:
-            return self.instructions, False, len(self.loops())
+            return self.instructions, False, self.loops()
         body = [i for i in self.instructions if best[0] <= i[0] <= best[1]]
-        inner = sum(1 for s, e in self.loops() if best[0] <= s and e <= best[1] and (s, e) != best)
+        inner = [(s, e) for s, e in self.loops() if best[0] <= s and e <= best[1] and (s, e) != best]
         return body, True, inner
 
 
-def counts(instructions) -> Counter:
-    return Counter(classify(op) for _, op, _, _ in instructions)
+def counts(instructions, loops=(), trips: float = 1.0) -> Counter:
+    """Instructions by class; those inside one of ``loops`` ((start, end) address ranges) count ``trips`` times
+    (the loop's expected trip count: a data-dependent loop's static count would say once)."""
+    out: Counter = Counter()
+    for addr, op, _, _ in instructions:
+        out[classify(op)] += trips if any(s <= addr <= e for s, e in loops) else 1
+    return out
 
 
 def global_bytes_per_lane(instructions) -> int:
@@ -188,6 +202,7 @@ class KernelCode:
     block: int
     is_loop: bool
     inner_loops: int
+    trips: float  # the expected trip count the inner loops were weighted by
     body: Counter
     rest: Counter  # instructions outside the per-block body (once per program)
     global_bytes_per_element: float
@@ -201,7 +216,10 @@ class KernelCode:
         return self.body[cls] * self.num_warps / self.block
 
 
-def analyse(name: str, kernel, types: dict, constexprs: dict, arch: int) -> KernelCode:
+def analyse(name: str, kernel, types: dict, constexprs: dict, arch: int, trips: float = 1.0) -> KernelCode:
+    """The SASS counts of one variant. Histogram kernels are persistent (the per-block part is their loop over
+    blocks); every other kernel is one program per ``BLOCK`` (x ``GROUP``) elements, and the data-dependent loops
+    inside it (the candidate and bit loops) are weighted by ``trips``."""
     from triton.backends.compiler import GPUTarget
 
     from bench.kernel_matrix import compile_variant
@@ -211,18 +229,19 @@ def analyse(name: str, kernel, types: dict, constexprs: dict, arch: int) -> Kern
     aligned = ("*", "n") if "hist_ptr" in types or "cand_key_ptr" in types else ("*",)
     compiled = compile_variant(kernel, GPUTarget("cuda", arch, 32), types, constexprs, aligned)
     sass = Sass.parse(disassemble(compiled.asm["cubin"]))
-    body, is_loop, inner = sass.main_body()
+    body, is_loop, inner = sass.main_body(persistent=name.startswith("histogram"))
     body_addrs = {i[0] for i in body}
     rest = [i for i in sass.instructions if i[0] not in body_addrs]
     warps = compiled.metadata.num_warps
-    block = constexprs["BLOCK"]
+    block = constexprs["BLOCK"] * constexprs.get("GROUP", 1)
     return KernelCode(
         name=name,
         num_warps=warps,
         block=block,
         is_loop=is_loop,
-        inner_loops=inner,
-        body=counts(body),
+        inner_loops=len(inner),
+        trips=trips,
+        body=counts(body, inner, trips),
         rest=counts(rest),
         global_bytes_per_element=global_bytes_per_lane(body) * 32 * warps / block,
         total_instructions=len(sass.instructions),
@@ -242,12 +261,15 @@ SYNCING = {"item", "tolist", "__bool__", "__int__", "__index__", "__float__", "n
 
 class Count(torch.overrides.TorchFunctionMode):
     def __init__(self):
-        super().__init__(); self.syncs = 0
+        super().__init__(); self.syncs = 0; self.ops = 0
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in SYNCING and not (name == "repeat_interleave" and "output_size" in (kwargs or {})):
             self.syncs += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() > 0 and not out._is_view():  # ran a kernel, roughly
+            self.ops += 1
+        return out
 
 launches = [0]
 for module in (tselect, tscatter, tadamw):
@@ -266,7 +288,7 @@ def measure(fn):
     mode = Count()
     with mode:
         fn()
-    return {"launches": launches[0], "syncs": mode.syncs}
+    return {"launches": launches[0], "syncs": mode.syncs, "torch_ops": mode.ops}
 
 tselect.SAMPLE_MIN_BLOCKS = 1  # count the path a large call takes (level 1 from sampled blocks)
 gen = torch.Generator().manual_seed(0)
@@ -309,40 +331,53 @@ class Pass:
     elements: float
     bytes: float
     programs: float = 0.0  # persistent kernels: programs that run ``code.rest`` once each
+    launches: int = 0  # the Triton launches this pass takes (one per tensor, or one)
+
+
+def _device_bounds(passes: list[Pass]) -> dict[str, float]:
+    warp_instr = sum(p.code.warp_instructions_per_element * p.elements for p in passes)
+    warp_instr += sum(sum(p.code.rest.values()) * p.code.num_warps * p.programs for p in passes)
+    atoms = sum(p.code.per_element("shared_atomic") * p.elements for p in passes)
+    ints = sum(p.code.per_element("alu_int") * p.elements for p in passes)
+    sfu = sum(p.code.per_element("sfu") * p.elements for p in passes)
+    return {
+        "memory": 1e3 * sum(p.bytes for p in passes) / COPY_BPS,
+        "issue": 1e3 * warp_instr / (SMS * SCHEDULERS * CLOCK_HZ),
+        "int32": 1e3 * ints * 32 / (SMS * 64 * CLOCK_HZ),
+        "sfu": 1e3 * sfu * 32 / (SMS * 16 * CLOCK_HZ),
+        "shared_atomics": 1e3 * atoms / (SMS * CLOCK_HZ),
+    }
 
 
 @dataclass
 class Prediction:
+    """An op's predicted time. The passes run in order; within a pass the host enqueues launches while the
+    device runs the earlier ones, so a pass takes the larger of its device time and its host time (its launches;
+    the launches not tied to a pass and the torch ops go with the last one); each host sync adds ``SYNC_S``, and
+    ``torch_ms`` is device time spent in torch ops between passes (the candidate sort)."""
+
     op: str
     shape: str
     passes: list[Pass]
     launches: int
     syncs: int
+    torch_ops: int = 0
+    torch_ms: float = 0.0
     bounds_ms: dict[str, float] = field(default_factory=dict)
+    ms: float = 0.0
 
     def compute(self) -> Prediction:
-        warp_instr = sum(p.code.warp_instructions_per_element * p.elements for p in self.passes)
-        warp_instr += sum(sum(p.code.rest.values()) * p.code.num_warps * p.programs for p in self.passes)
-        atoms = sum(p.code.per_element("shared_atomic") * p.elements for p in self.passes)
-        ints = sum(p.code.per_element("alu_int") * p.elements for p in self.passes)
-        sfu = sum(p.code.per_element("sfu") * p.elements for p in self.passes)
-        self.bounds_ms = {
-            "memory": 1e3 * sum(p.bytes for p in self.passes) / COPY_BPS,
-            "issue": 1e3 * warp_instr / (SMS * SCHEDULERS * CLOCK_HZ),
-            "int32": 1e3 * ints * 32 / (SMS * 64 * CLOCK_HZ),
-            "sfu": 1e3 * sfu * 32 / (SMS * 16 * CLOCK_HZ),
-            "shared_atomics": 1e3 * atoms / (SMS * CLOCK_HZ),
-            "host": 1e3 * (self.launches * LAUNCH_S + self.syncs * SYNC_S),
-        }
+        untied = self.launches - sum(p.launches for p in self.passes)
+        assert untied >= 0, "the passes claim more launches than the launcher makes"
+        total, host_total = 0.0, 0.0
+        for i, p in enumerate(self.passes):
+            last = i == len(self.passes) - 1
+            host = 1e3 * ((p.launches + untied * last) * LAUNCH_S + self.torch_ops * last * TORCH_OP_S)
+            total += max(max(_device_bounds([p]).values()), host)
+            host_total += host
+        self.ms = total + 1e3 * self.syncs * SYNC_S + self.torch_ms
+        self.bounds_ms = {**_device_bounds(self.passes), "host": host_total + 1e3 * self.syncs * SYNC_S}
         return self
-
-    @property
-    def ms(self) -> float:
-        """The device bounds overlap each other. Host work overlaps the device only while nothing syncs: a sync
-        between passes drains the GPU, and the next launch starts from an idle device, so then they add."""
-        device = max(v for k, v in self.bounds_ms.items() if k != "host")
-        host = self.bounds_ms["host"]
-        return device + host if self.syncs else max(device, host)
 
     @property
     def binding(self) -> str:
@@ -357,23 +392,30 @@ def predict(codes: dict[str, KernelCode], host: dict) -> list[Prediction]:
     from bench.shapes import llama8b_shapes
     from gallop_kernels.topk_select.triton import BLOCK, SAMPLE_MIN_BLOCKS, SAMPLE_STRIDE
 
-    h1, compact = codes["histogram_l1"], codes["compact"]
+    h1, collect, popcount, set_bits, compact = (codes[n] for n in SELECT_KERNELS)
     programs = 4 * SMS
     rows = []
     for shape, sizes, host_key in (("2^30", [N30], "select_topk x1"), ("llama8b", None, "select_topk x226")):
         sizes = sizes or [a * b for a, b in llama8b_shapes()]
-        n = float(sum(sizes))
+        tensors, n = len(sizes), float(sum(sizes))
         k = n / 100
+        cand = CANDIDATES_PER_K * k  # keys in the threshold bin, buffered by the collect pass
+        chosen = cand / 2
         pair = 6.0  # fp32 grad + bf16 weight per element
-        sampled = n / BLOCK >= SAMPLE_MIN_BLOCKS  # the large-call path: level 1 from every SAMPLE_STRIDE-th block
+        blocks = n / BLOCK
+        sampled = blocks >= SAMPLE_MIN_BLOCKS  # the large-call path: level 1 from every SAMPLE_STRIDE-th block
         read = n / SAMPLE_STRIDE if sampled else n
-        collect = codes["collect_checked" if sampled else "collect"]
         passes = [
-            Pass(h1, read, pair * read, min(programs, read / BLOCK / 16) * len(sizes)),
-            Pass(collect, n, pair * n),
-            Pass(compact, n, pair * n + 4 * k),
+            Pass(h1, read, pair * read, min(programs, read / BLOCK / 16) * tensors, launches=tensors),
+            # (g, w); the mask; above and invalid counts; the candidates (key, position) and their 2 re-read sectors
+            Pass(collect, n, pair * n + n / 8 + 8 * blocks + cand * (12 + 2 * SECTOR), launches=tensors),
+            Pass(set_bits, chosen, chosen * (8 + SECTOR), launches=1),
+            Pass(popcount, n, n / 8 + 4 * blocks, launches=1),
+            # the mask, out_off and the tensor of each block, the indices written
+            Pass(compact, n, n / 8 + 12 * blocks + 4 * k, launches=1),
         ]
-        rows.append(Prediction("select_topk", shape, passes, **host[host_key]).compute())
+        sort_ms = 1e3 * max(SORT_MIN_S, cand * SORT_S_PER_KEY)
+        rows.append(Prediction("select_topk", shape, passes, torch_ms=sort_ms, **host[host_key]).compute())
     k = N30 / 100  # the selected entries at 1%: about 100 elements apart, so each is its own 32-byte sector
     fused = codes["fused_step"]
     # idx 4, grad gather (a sector), base 2, delta/m/v read + write 24, weight read-modify-write (two sectors)
@@ -387,14 +429,38 @@ def predict(codes: dict[str, KernelCode], host: dict) -> list[Prediction]:
     return rows
 
 
+def _expected_max_binomial(m: float, trials: int, p: float) -> float:
+    """E[max of m independent Binomial(trials, p)] = sum over t >= 1 of P(max >= t)."""
+    from math import comb
+
+    cdf, total = 0.0, 0.0
+    for t in range(trials):
+        cdf += comb(trials, t) * p**t * (1 - p) ** (trials - t)
+        total += 1 - min(cdf, 1.0) ** m
+    return total
+
+
+def loop_trips(density: float = 0.01) -> dict[str, float]:
+    """Expected trips of the data-dependent loops at this selected density: the collect pass loops over its
+    block's fullest word of candidates (``CANDIDATES_PER_K * density`` of the keys), the compaction over its
+    program's fullest word of selected bits."""
+    from gallop_kernels.topk_select.triton import BLOCK, GROUP
+
+    words = BLOCK // 32
+    return {
+        "collect": _expected_max_binomial(words, 32, CANDIDATES_PER_K * density),
+        "compact": _expected_max_binomial(GROUP * words, 32, density),
+    }
+
+
 def kernel_codes(arch: int) -> dict[str, KernelCode]:
     from bench.kernel_matrix import adamw_variant, select_variants, weight_variants
 
-    wanted = {"histogram_l1", "histogram_l2", "histogram_l3", "collect", "collect_checked", "count", "compact"}
-    variants = [v for v in select_variants("float32", "bfloat16", "int32", scorers=[0]) if v[0] in wanted]
+    trips = loop_trips()
+    variants = [v for v in select_variants("float32", "bfloat16", "int32", scorers=[0]) if v[0] in SELECT_KERNELS]
     variants += [v for v in weight_variants("bfloat16", "int32") if v[0] in ("fused_step", "scatter_base", "gather")]
     variants.append(adamw_variant())
-    return {name: analyse(name, kernel, types, constexprs, arch) for name, kernel, types, constexprs in variants}
+    return {n: analyse(n, kernel, types, c, arch, trips.get(n, 1.0)) for n, kernel, types, c in variants}
 
 
 def report(codes: dict[str, KernelCode], rows: list[Prediction], arch: int) -> str:
@@ -409,7 +475,7 @@ def report(codes: dict[str, KernelCode], rows: list[Prediction], arch: int) -> s
         row += f"{c.warp_instructions_per_element:>17.3f}" + "".join(f"{c.per_element(k):>10.3f}" for k in CLASSES)
         row += f"{c.global_bytes_per_element:>8.2f}"
         if c.inner_loops:
-            row += f"  ({c.inner_loops} inner loop(s) counted once)"
+            row += f"  ({c.inner_loops} inner loop(s) weighted x{c.trips:g})"
         lines.append(row)
     lines += ["", f"predicted H200 time (copy {COPY_BPS / 1e12:.2f} TB/s, {SMS} SMs x {SCHEDULERS} x "
               f"{CLOCK_HZ / 1e9:.2f} GHz, launch {LAUNCH_S * 1e6:.0f} us, sync {SYNC_S * 1e6:.0f} us)", ""]  # fmt: skip

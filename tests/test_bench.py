@@ -66,10 +66,13 @@ def test_roofline_reads_the_loop_body_and_the_widths():
     sass = Sass.parse(SASS)
     assert len(sass.instructions) == 11 and sass.labels == {".L_x_1": 0x20, ".L_x_2": 0xA0}
     assert sass.loops() == [(0x20, 0x70)]  # the padding self-branch after EXIT is not a loop
+    assert sass.main_body(persistent=False) == (sass.instructions, False, [(0x20, 0x70)])
     body, is_loop, inner = sass.main_body()
-    assert is_loop and inner == 0 and [i[1] for i in body] == ["LDG", "LDG", "IADD3", "FMUL", "ATOMS", "BRA"]
+    assert is_loop and inner == [] and [i[1] for i in body] == ["LDG", "LDG", "IADD3", "FMUL", "ATOMS", "BRA"]
     c = counts(body)
     assert (c["global_load"], c["alu_int"], c["alu"], c["shared_atomic"], c["branch"]) == (2, 1, 1, 1, 1)
+    weighted = counts(sass.instructions, [(0x20, 0x70)], trips=2.5)  # a data-dependent loop, 2.5 trips expected
+    assert (weighted["global_load"], weighted["alu"], weighted["global_atomic"]) == (5.0, 2 + 2.5, 1)
     assert global_bytes_per_lane(body) == 16 + 2 and global_bytes_per_lane(sass.instructions) == 16 + 2 + 8
 
 

@@ -4,32 +4,30 @@ Keys are the same as the reference's (``gallop_kernels._common``): a larger key 
 map to [0, 0x7F7FFFFF]; NaN/Inf land in histogram bins 0x7F8..0x7FF of the first level, which no finite key reaches.
 Scores are computed in registers from (grad, weight) in every pass and never stored.
 
-Passes (each one launch per tensor; "block" = ``BLOCK`` consecutive elements, numbered globally across tensors),
-the host steps named like the reference's:
+Passes ("block" = ``BLOCK`` consecutive elements, numbered globally across tensors; the passes that read (grad,
+weight) take one launch per tensor), the host steps named like the reference's:
 
 1. ``_level1_histogram`` (``_histogram_kernel``): persistent programs build a 2048-bin histogram of key bits
-   30..20 (``tl.histogram``, which lowers to shared-memory atomics) and add it to the tensor's row of a global
-   [T, 2048] histogram once per program. Host: the bin ``b1`` holding the k-th key, ``need`` = how many to take
-   from it, the per-tensor NaN/Inf check.
-2. ``_collect_candidates`` (``_collect_kernel``, when the candidates fit the buffer): per block, count the keys
-   above ``b1`` and append the keys in ``b1`` with their block number to a candidate buffer (one atomic per
-   block; order irrelevant). Host (torch, on the candidates only): the exact threshold key ``T``; per block, how
-   many keys are > T and == T. ``_resolve_by_passes`` instead, when bin ``b1`` holds more than ``CANDIDATE_CAP``
-   keys (heavy ties): two more histogram passes (bits 19..9, then 8..0) give ``T``, and ``_count_kernel`` counts
-   > T / == T per block.
-3. ``_compact`` (``_compact_kernel``): each block writes, in index order, its keys > T and the ties whose global
-   rank (in (tensor, index) order, from an exclusive scan of the per-block tie counts) is below the tie quota, at
-   offsets from an exclusive scan of the per-block selected counts. The result is exactly k indices, sorted per
-   tensor, identical to the reference.
+   30..20 (``tl.histogram``) into the tensor's row of a [T, 2048] histogram, once per program. A large call
+   (``SAMPLE_MIN_BLOCKS`` blocks or more) reads every ``SAMPLE_STRIDE``-th block only. Host (``_pick_bin``, one
+   sync): the bin ``b1`` holding the k-th key (of the sample: the ``k * read / total``-th), its count, the
+   NaN/Inf check.
+2. ``_Collected`` (``_collect_kernel``): per block, a bit mask of the keys above ``b1`` (``BLOCK // 32`` int32
+   words), their count, the count of NaN/Inf keys, and the keys in ``b1`` (the candidates) with their global
+   positions appended to a buffer (one atomic per block; order irrelevant). One sync: the counts. A sampled bin is
+   used only if the exact counts confirm it (``above < k <= above + candidates``, every candidate buffered), else
+   the exact path (step 1 over every block) runs; the result is the same either way.
+3. ``_chosen_candidates`` (torch, on the candidates only): one sort on (key, -position); the best ``k - above``
+   are selected (ties to the lower (tensor, index), the reference's rule).
+4. ``_compact_mask``: ``_set_bits_kernel`` adds them to the mask, ``_popcount_kernel`` counts it per block (one
+   sync: the per-tensor counts, which must sum to k), and ``_compact_mask_kernel`` writes every tensor's indices
+   in order, from the mask alone, straight into the outputs (one launch over all tensors, a pointer table). The
+   result is exactly k indices, sorted per tensor, identical to the reference.
 
-So a small call reads every (grad, weight) pair three times; heavy ties cost two more reads.
-
-A large call (``SAMPLE_MIN_BLOCKS`` blocks or more) builds level 1 from every ``SAMPLE_STRIDE``-th block only
-(``_sampled_candidates``): the sample picks ``b1`` and sizes the candidate buffer, the collect pass counts exactly
-(and counts NaN/Inf keys per block, which the sample cannot vouch for), and the host accepts the bin only if the
-exact counts confirm it (``above < k <= above + candidates``, every candidate buffered); otherwise the exact
-path above runs. The result is the same either way; the common case reads the pairs 2 + 1/16 times, and on
-triton 3.6, whose ``tl.histogram`` costs about 8 warp instructions an element, skips most of that cost.
+So a call reads every (grad, weight) pair twice (a large call 2 + 1/16 times) and syncs three times. Heavy ties
+(more than ``CANDIDATE_CAP`` keys in ``b1``) take ``_resolve_by_passes``: two more histogram passes (bits 19..9,
+then 8..0) give the threshold ``T``, ``_count_kernel`` counts > T / == T per block, and ``_compact`` (
+``_compact_kernel``) writes the keys > T and the ties whose global rank is below the quota, reading (g, w) again.
 """
 
 from __future__ import annotations
@@ -47,11 +45,14 @@ BLOCK = 2048  # elements per block (tests lower it to exercise many blocks on sm
 CANDIDATE_CAP = 1 << 25  # candidate keys buffered in pass 2 (12 bytes each: int32 key + int64 block number)
 SAMPLE_STRIDE = 16  # a large call's level-1 histogram reads every 16th block of each tensor
 SAMPLE_MIN_BLOCKS = 4096  # ... when the call has at least this many blocks (8M elements); else all of them
+GROUP = 16  # blocks per program of the mask kernels (popcount, compaction)
+SET_BLOCK = 1024  # chosen candidates per program of _set_bits_kernel
 NB1, SHIFT1 = 2048, 20  # level 1: key bits 30..20 (plus the invalid bins 0x7F8..0x7FF)
 NB2, SHIFT2 = 2048, 9  # level 2: key bits 19..9
 NB3 = 512  # level 3: key bits 8..0
 INVALID_BIN = MAX_KEY >> SHIFT1  # 0x7F7: bins above it only hold NaN/Inf scores
 _INVALID_BIN = tl.constexpr(INVALID_BIN)  # the same, readable inside a compiled kernel
+_SHIFT1 = tl.constexpr(SHIFT1)
 
 
 @triton.jit
@@ -134,46 +135,154 @@ def _histogram_kernel(
 
 
 @triton.jit
+def _popcount(x):
+    """Set bits of each uint32 (SWAR; no intrinsic, so the interpreter runs it too), as int32."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _lowest_bit(x):
+    """(the lowest set bit of each uint32 as a mask, its position 0..31); garbage position where x == 0."""
+    low = x & (0 - x)  # two's complement negation: x & -x
+    return low, (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127  # a power of two converts exactly
+
+
+@triton.jit
 def _collect_kernel(
     g_ptr,
     w_ptr,
     n,
     eps,
     tkey,
-    b1,
+    level,
     first_block,
+    mask_ptr,
     above_ptr,
+    invalid_ptr,
     cand_key_ptr,
-    cand_block_ptr,
+    cand_pos_ptr,
     cand_count_ptr,
     capacity,
-    invalid_ptr,
     SHIFT: tl.constexpr,
-    CHECK_INVALID: tl.constexpr,
+    DENSE: tl.constexpr,
     SCORER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Per block: above[block] = #{key >> SHIFT > b1}; append (key, block) for every key >> SHIFT == b1; with
-    ``CHECK_INVALID``, invalid[block] = #{NaN/Inf keys} (a sampled level 1 cannot vouch for unread blocks).
+    """Per block (``BLOCK // 32`` words of 32 keys): mask bit = ``key >> SHIFT > level`` (the keys surely
+    selected), above[block] = their count, invalid[block] = #{NaN/Inf keys}; the keys with ``key >> SHIFT ==
+    level`` (the candidates) are appended with their global positions (``block * BLOCK + i``) to a buffer, one
+    atomic per block (order irrelevant).
 
-    The count is bumped by every block's full tally, but stores stay inside ``capacity`` (the buffer the histogram
-    sized): a count above it means the passes disagreed, or a sampled level 1 misjudged the bin, which the host
-    checks before using the buffer."""
-    b, offs, mask, keys = _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER, BLOCK)
-    level1 = keys >> SHIFT
+    Candidates are found a word at a time (lowest set bit first), so a block costs a loop of as many steps as its
+    fullest word has candidates, not a scan over its keys; their exact keys are recomputed from (grad, weight) at
+    those positions (still in cache). When candidates are dense (``DENSE``: the host expects one or more every
+    two words, heavy ties) a block ranks them by a scan over its keys instead. The count is bumped by every
+    block's full tally, but stores stay inside ``capacity``: a count above it means the passes disagreed, or a
+    sampled level 1 misjudged the bin, which the host checks before using the buffer."""
+    WORDS: tl.constexpr = BLOCK // 32
+    b = tl.program_id(0)
+    rows = tl.arange(0, WORDS)
+    lanes = tl.arange(0, 32)
+    offs = b.to(tl.int64) * BLOCK + (rows[:, None] * 32 + lanes[None, :])
+    mask = offs < n
+    keys = _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+    lvl = keys >> SHIFT
+    above = mask & (lvl > level)
+    inbin = mask & (lvl == level)
+    bad = mask & ((keys < 0) | ((keys >> _SHIFT1) > _INVALID_BIN))  # sign-bit keys (NaN with eps = 0), Inf, NaN
+    bits = tl.full((32,), 1, tl.uint32) << lanes.to(tl.uint32)
     block = first_block + b
-    tl.store(above_ptr + block, tl.sum((mask & (level1 > b1)).to(tl.int32), 0))
-    if CHECK_INVALID:  # sign-bit keys (NaN, eps = 0) and the bins above INVALID_BIN (Inf, NaN)
-        bad = mask & ((keys < 0) | (level1 > _INVALID_BIN))
-        tl.store(invalid_ptr + block, tl.sum(bad.to(tl.int32), 0))
-    in_bin = mask & (level1 == b1)
-    n_in = tl.sum(in_bin.to(tl.int32), 0)
+    tl.store(mask_ptr + block * WORDS + rows, tl.sum(tl.where(above, bits[None, :], 0), 1).to(tl.int32, bitcast=True))
+    tl.store(above_ptr + block, tl.sum(tl.sum(above.to(tl.int32), 1), 0))
+    tl.store(invalid_ptr + block, tl.sum(tl.sum(bad.to(tl.int32), 1), 0))
+    per_word = tl.sum(inbin.to(tl.int32), 1)
+    n_in = tl.sum(per_word, 0)
     if n_in > 0:
+        words = tl.sum(tl.where(inbin, bits[None, :], 0), 1)
         start = tl.atomic_add(cand_count_ptr, n_in.to(tl.int64), sem="relaxed")  # only uniqueness matters
-        pos = start + (tl.cumsum(in_bin.to(tl.int32), 0) - 1).to(tl.int64)  # a block's ranks fit int32
-        keep = in_bin & (pos < capacity)
-        tl.store(cand_key_ptr + pos, keys, mask=keep)
-        tl.store(cand_block_ptr + pos, block.to(tl.int64) + tl.zeros((BLOCK,), dtype=tl.int64), mask=keep)
+        slot = start + (tl.cumsum(per_word, 0) - per_word).to(tl.int64)
+        if DENSE:  # many candidates (heavy ties): rank them by a scan over the block's keys
+            pos = slot[:, None] + (tl.cumsum(inbin.to(tl.int32), 1) - 1).to(tl.int64)
+            keep = inbin & (pos < capacity)
+            tl.store(cand_key_ptr + pos, keys, mask=keep)
+            tl.store(cand_pos_ptr + pos, block.to(tl.int64) * BLOCK + rows[:, None] * 32 + lanes[None, :], mask=keep)
+        else:
+            for _ in range(tl.max(per_word, 0)):
+                low, lane = _lowest_bit(words)
+                keep = (words != 0) & (slot < capacity)
+                local = b.to(tl.int64) * BLOCK + rows * 32 + lane
+                tl.store(cand_key_ptr + slot, _keys(g_ptr, w_ptr, local, keep, eps, tkey, SCORER), mask=keep)
+                tl.store(cand_pos_ptr + slot, block.to(tl.int64) * BLOCK + rows * 32 + lane, mask=keep)
+                words = words ^ low
+                slot += 1
+
+
+@triton.jit
+def _set_bits_kernel(mask_ptr, pos_ptr, n, BLOCK: tl.constexpr):
+    """mask bit ``pos[i]`` |= 1 for every i < n (the chosen candidates: bits that were 0)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < n
+    pos = tl.load(pos_ptr + offs, mask=keep, other=0)
+    bit = tl.full((BLOCK,), 1, tl.uint32) << (pos & 31).to(tl.uint32)
+    tl.atomic_or(mask_ptr + (pos >> 5), bit.to(tl.int32, bitcast=True), mask=keep, sem="relaxed")
+
+
+@triton.jit
+def _popcount_kernel(mask_ptr, counts_ptr, total_blocks, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """counts[block] = set bits of the block's ``BLOCK // 32`` mask words, for ``GROUP`` blocks a program."""
+    WORDS: tl.constexpr = BLOCK // 32
+    blocks = tl.program_id(0).to(tl.int64) * GROUP + tl.arange(0, GROUP)
+    keep = blocks < total_blocks
+    words = tl.load(mask_ptr + blocks[:, None] * WORDS + tl.arange(0, WORDS)[None, :], mask=keep[:, None], other=0)
+    tl.store(counts_ptr + blocks, tl.sum(_popcount(words.to(tl.uint32, bitcast=True)), 1), mask=keep)
+
+
+@triton.jit
+def _compact_mask_kernel(
+    mask_ptr,
+    out_off_ptr,
+    block_tensor_ptr,
+    out_table_ptr,
+    first_block_ptr,
+    out_start_ptr,
+    out_len_ptr,
+    wide_ptr,
+    total_blocks,
+    WIDE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Write the flat index (within its tensor) of every set mask bit, in order, into its tensor's output: one
+    launch over every tensor (``GROUP`` blocks a program, which may span tensors; a word at a time, lowest bit
+    first). Per tensor ``t`` the tables give its output's address, first block, the global offset of its first
+    output and its output's length; ``out_off[block]`` is the exclusive scan of the per-block counts. A launch
+    writes the tensors whose ``wide[t] == WIDE`` (int64 indices, else int32). Only the mask is read, never
+    (grad, weight); stores stay inside each output."""
+    WORDS: tl.constexpr = BLOCK // 32
+    pid = tl.program_id(0).to(tl.int64)
+    word = pid * GROUP * WORDS + tl.arange(0, GROUP * WORDS)
+    block = word // WORDS
+    inside = block < total_blocks
+    t = tl.load(block_tensor_ptr + block, mask=inside, other=0)
+    words = tl.load(mask_ptr + word, mask=inside, other=0).to(tl.uint32, bitcast=True)
+    count = _popcount(words)  # every tensor's words: the scan must match out_off
+    mine = inside & (tl.load(wide_ptr + t, mask=inside, other=0) == WIDE)
+    slot = tl.load(out_off_ptr + pid * GROUP) + (tl.cumsum(count, 0) - count).to(tl.int64)
+    slot -= tl.load(out_start_ptr + t, mask=inside, other=0)
+    length = tl.load(out_len_ptr + t, mask=inside, other=0)
+    first = (block - tl.load(first_block_ptr + t, mask=inside, other=0)) * BLOCK + (word % WORDS) * 32
+    if WIDE:
+        out = tl.load(out_table_ptr + t, mask=mine, other=0).to(tl.pointer_type(tl.int64))
+    else:
+        out = tl.load(out_table_ptr + t, mask=mine, other=0).to(tl.pointer_type(tl.int32))
+    for _ in range(tl.max(count, 0)):
+        low, lane = _lowest_bit(words)
+        tl.store(out + slot, (first + lane).to(out.dtype.element_ty), mask=mine & (words != 0) & (slot < length))
+        words = words ^ low
+        slot += 1
 
 
 @triton.jit
@@ -283,94 +392,144 @@ def _histogram(x: _Inputs, prefix: int, prefix_shift: int, bin_shift: int, nbins
 
 
 def _level1_histogram(x: _Inputs, stride: int = 1) -> torch.Tensor:
-    """The 2048-bin histogram of key bits 30..20 over all tensors (every ``stride``-th block); raises on a NaN/Inf
-    score it reads (names the tensor)."""
-    hist = _histogram(x, 0, 32, SHIFT1, NB1, stride)
-    bad_pos = torch.nonzero(hist[:, INVALID_BIN + 1 :].sum(1)).reshape(-1)
-    if bad_pos.numel():
-        raise nonfinite_score_error(x.scorer, int(bad_pos[0]))
-    return hist.sum(0)
+    """Per-tensor 2048-bin histograms [T, 2048] of key bits 30..20 (every ``stride``-th block); no host sync."""
+    return _histogram(x, 0, 32, SHIFT1, NB1, stride)
 
 
-def _collect(x: _Inputs, b1: int, capacity: int, check_invalid: bool):
-    """Pass 2 over every block: per-block counts above bin ``b1`` (and of NaN/Inf keys, with ``check_invalid``)
-    and up to ``capacity`` candidate keys inside it with their block numbers. Returns (above int32 [blocks],
-    candidate keys, candidate blocks, the candidate count [1] on the device, invalid int32 [blocks] or None)."""
-    above32 = torch.zeros(x.total_blocks, dtype=torch.int32, device=x.device)
-    invalid32 = torch.zeros(x.total_blocks, dtype=torch.int32, device=x.device) if check_invalid else None
-    cand_key = torch.empty(capacity, dtype=torch.int32, device=x.device)
-    cand_block = torch.empty(capacity, dtype=torch.int64, device=x.device)
-    cand_count = torch.zeros(1, dtype=torch.int64, device=x.device)
-    for pos, n, g, w in x.nonempty():
-        _collect_kernel[(x.n_blocks[pos],)](
-            g,
-            w,
-            n,
-            x.eps,
-            x.tkeys[pos],
-            b1,
-            x.first_block[pos],
-            above32,
-            cand_key,
-            cand_block,
-            cand_count,
-            capacity,
-            above32 if invalid32 is None else invalid32,
-            SHIFT=SHIFT1,
-            CHECK_INVALID=check_invalid,
-            SCORER=x.sid,
+def _pick_bin(x: _Inputs, hist: torch.Tensor, k: int, sampled: bool) -> tuple[int, int, int, float]:
+    """From a level-1 histogram [T, 2048]: (b1, the keys read above it, in it, the scale from keys read to all
+    keys), in one host sync; raises on a NaN/Inf score read (names the tensor). A sampled histogram targets the
+    ``k * read / total``-th key."""
+    total = hist.sum(0)
+    read = total.sum()
+    if sampled:
+        target = torch.clamp(torch.round(k * read.double() / sum(x.sizes)), min=1).to(torch.int64)
+    else:
+        target = torch.full_like(read, k)
+    desc = total.flip(0).cumsum(0)
+    pos = torch.searchsorted(desc, torch.minimum(target, read).reshape(1)).reshape(())
+    b1 = NB1 - 1 - pos
+    bad = hist[:, INVALID_BIN + 1 :].sum(1)
+    first_bad = torch.where(bad > 0, torch.arange(bad.numel(), device=bad.device), bad.numel()).min()
+    b1, above, n_in, read, first_bad = torch.stack([b1, desc[pos] - total[b1], total[b1], read, first_bad]).tolist()
+    if first_bad < len(x.sizes):
+        raise nonfinite_score_error(x.scorer, first_bad)
+    return b1, above, n_in, sum(x.sizes) / max(read, 1)
+
+
+class _Collected:
+    """The collect pass's outputs: the mask of keys surely selected (bit per element, [blocks * BLOCK // 32]
+    int32 words), per-block counts of them and of NaN/Inf keys, and the candidate buffer (keys, global positions,
+    the count found, which may exceed the buffer)."""
+
+    def __init__(self, x: _Inputs, level: int, shift: int, capacity: int) -> None:
+        dev = x.device
+        self.mask = torch.empty(x.total_blocks * (BLOCK // 32), dtype=torch.int32, device=dev)
+        self.above = torch.empty(x.total_blocks, dtype=torch.int32, device=dev)
+        self.invalid = torch.empty(x.total_blocks, dtype=torch.int32, device=dev)
+        self.key = torch.empty(capacity, dtype=torch.int32, device=dev)
+        self.pos = torch.empty(capacity, dtype=torch.int64, device=dev)
+        count = torch.zeros(1, dtype=torch.int64, device=dev)
+        dense = 64 * capacity >= sum(x.sizes)  # a candidate every two words or more: scan, not loop
+        for pos, n, g, w in x.nonempty():
+            _collect_kernel[(x.n_blocks[pos],)](
+                g,
+                w,
+                n,
+                x.eps,
+                x.tkeys[pos],
+                level,
+                x.first_block[pos],
+                self.mask,
+                self.above,
+                self.invalid,
+                self.key,
+                self.pos,
+                count,
+                capacity,
+                SHIFT=shift,
+                DENSE=dense,
+                SCORER=x.sid,
+                BLOCK=BLOCK,
+            )
+        self.capacity = capacity
+        # one host sync for the checks every caller makes
+        self.found, self.n_above, n_invalid = torch.stack([count[0], self.above.sum(), self.invalid.sum()]).tolist()
+        if n_invalid:
+            block = int(torch.nonzero(self.invalid)[0])
+            raise nonfinite_score_error(x.scorer, bisect.bisect_right(x.first_block, block) - 1)
+
+
+def _chosen_candidates(x: _Inputs, c: _Collected, need: int) -> torch.Tensor:
+    """Global positions of the ``need`` best candidates: larger key first, ties to the lower position (the lower
+    (tensor, index)), exactly the reference's rule."""
+    key, pos = c.key[: c.found], c.pos[: c.found]
+    if x.total_blocks * BLOCK <= 1 << 32:  # one sort on (key, -position) packed into an int64
+        packed = (key.to(torch.int64) << 32) | ((1 << 32) - 1 - pos)
+        order = torch.sort(packed, descending=True).indices
+    else:  # two stable sorts: position ascending, then key descending
+        by_pos = torch.sort(pos, stable=True).indices
+        order = by_pos[torch.sort(key[by_pos], descending=True, stable=True).indices]
+    return pos[order[:need]]
+
+
+def _compact_mask(x: _Inputs, k: int, c: _Collected, chosen: torch.Tensor) -> list[torch.Tensor]:
+    """Add the chosen candidates to the mask, count its bits per block, and write every tensor's selected
+    indices in order from the mask alone, straight into the outputs (one launch per index dtype; one host sync
+    for the per-tensor counts)."""
+    dev = x.device
+    if chosen.numel():
+        _set_bits_kernel[(triton.cdiv(chosen.numel(), SET_BLOCK),)](c.mask, chosen, chosen.numel(), BLOCK=SET_BLOCK)
+    del c.key, c.pos  # free the candidate buffer before the outputs are allocated
+    counts = torch.empty(x.total_blocks, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(x.total_blocks, GROUP),)
+    _popcount_kernel[grid](c.mask, counts, x.total_blocks, GROUP=GROUP, BLOCK=BLOCK)
+    ends = torch.cumsum(counts, 0, dtype=torch.int64)
+    first_block = torch.tensor(x.first_block, dtype=torch.int64, device=dev)
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), ends])[first_block].tolist()
+    if bounds[-1] != k:
+        raise RuntimeError(
+            f"select_topk: the selection mask holds {bounds[-1]} entries where {k} were chosen. This is a "
+            f"gallop_kernels bug: please report it (GALLOP_BACKEND=reference gives the exact result meanwhile)"
+        )
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    outs = [torch.empty(m, dtype=index_dtype(n), device=dev) for m, n in zip(lengths, x.sizes)]
+    wide = [o.dtype == torch.int64 for o in outs]
+    positions = torch.arange(len(outs), dtype=torch.int32, device=dev)
+    n_blocks = torch.tensor(x.n_blocks, dtype=torch.int64, device=dev)
+    tables = torch.tensor([[o.data_ptr() for o in outs], bounds[:-1], lengths, wide], dtype=torch.int64)
+    out_table, out_start, out_len, wide_t = tables.to(dev)  # one copy to the device for the four tables
+    block_tensor = torch.repeat_interleave(positions, n_blocks, output_size=x.total_blocks)
+    for flag in sorted(set(wide)):
+        _compact_mask_kernel[grid](
+            c.mask,
+            ends - counts,
+            block_tensor,
+            out_table,
+            first_block,
+            out_start,
+            out_len,
+            wide_t,
+            x.total_blocks,
+            WIDE=int(flag),
+            GROUP=GROUP,
             BLOCK=BLOCK,
         )
-    return above32, cand_key, cand_block, cand_count, invalid32
+    return outs
 
 
-def _resolve(x: _Inputs, threshold: int, above32, cand_key, cand_block):
-    """Per-block counts of keys > T (above the bin, plus the candidates above T) and == T."""
-    above = above32.to(torch.int64)
-    above += torch.bincount(cand_block[cand_key > threshold], minlength=x.total_blocks)
-    ties = torch.bincount(cand_block[cand_key == threshold], minlength=x.total_blocks)
-    return threshold, above, ties
-
-
-def _collect_candidates(x: _Inputs, b1: int, n_cand: int, need: int):
-    """Pass 2 after an exact level 1: the ``n_cand`` keys of bin ``b1`` are buffered and the exact threshold
-    resolved among them. Returns (threshold, per-block above, per-block ties)."""
-    above32, cand_key, cand_block, cand_count, _ = _collect(x, b1, n_cand, check_invalid=False)
-    kth = torch.sort(cand_key, descending=True).values[need - 1]
-    collected, threshold = torch.stack([cand_count[0], kth.to(torch.int64)]).tolist()  # one sync for both
-    if collected != n_cand:
-        raise RuntimeError(
-            f"select_topk: the collect pass found {collected} keys in the threshold bin where the histogram counted "
-            f"{n_cand}; the two passes must compute the same keys. This is a gallop_kernels bug: please report it "
-            f"(GALLOP_BACKEND=reference gives the exact result meanwhile)"
-        )
-    return _resolve(x, threshold, above32, cand_key, cand_block)
-
-
-def _sampled_candidates(x: _Inputs, k: int):
+def _select_sampled(x: _Inputs, k: int) -> list[torch.Tensor] | None:
     """Level 1 from every ``SAMPLE_STRIDE``-th block picks the bin likely to hold the k-th key and sizes the
-    candidate buffer; the collect pass then counts exactly. The result is used only if the exact counts confirm the
-    bin (above < k <= above + candidates) and the buffer held every candidate; else None (the exact path runs).
-    Returns (threshold, per-block above, per-block ties) or None."""
-    hist = _level1_histogram(x, SAMPLE_STRIDE)
-    read = int(hist.sum())
-    if read == 0:
-        return None
-    scale = sum(x.sizes) / read
-    b1, _ = threshold_bin(hist, max(1, min(read, round(k / scale))))
-    capacity = int(1.25 * float(hist[b1]) * scale) + 4 * BLOCK
+    candidate buffer; the collect pass then counts exactly. Used only if the exact counts confirm the bin
+    (above < k <= above + candidates) and the buffer held every candidate; else None (the exact path runs)."""
+    b1, _, n_in, scale = _pick_bin(x, _level1_histogram(x, SAMPLE_STRIDE), k, sampled=True)
+    capacity = int(1.25 * n_in * scale) + 4 * BLOCK
     if capacity > CANDIDATE_CAP:
         return None  # heavy ties: the exact path resolves them by passes
-    above32, cand_key, cand_block, cand_count, invalid32 = _collect(x, b1, capacity, check_invalid=True)
-    collected, above, invalid = torch.stack([cand_count[0], above32.sum(), invalid32.sum()]).tolist()
-    if invalid:
-        block = int(torch.nonzero(invalid32)[0])
-        raise nonfinite_score_error(x.scorer, bisect.bisect_right(x.first_block, block) - 1)
-    if collected > capacity or not above < k <= above + collected:
+    c = _Collected(x, b1, SHIFT1, capacity)
+    if c.found > capacity or not c.n_above < k <= c.n_above + c.found:
         return None
-    cand_key, cand_block = cand_key[:collected], cand_block[:collected]
-    threshold = int(torch.sort(cand_key, descending=True).values[k - above - 1])
-    return _resolve(x, threshold, above32, cand_key, cand_block)
+    return _compact_mask(x, k, c, _chosen_candidates(x, c, k - c.n_above))
 
 
 def _resolve_by_passes(x: _Inputs, b1: int, need: int):
@@ -434,15 +593,17 @@ def select_topk(
     """Triton twin of ``reference.select_topk`` (inputs validated by ``gallop_kernels.select_topk``)."""
     x = _Inputs(grads, weights, scorer, eps, seed)
     if x.total_blocks >= SAMPLE_MIN_BLOCKS:
-        sampled = _sampled_candidates(x, k)
-        if sampled is not None:
-            return _compact(x, k, *sampled)
-    hist = _level1_histogram(x)
-    b1, above_b1 = threshold_bin(hist, k)
-    need = k - above_b1
-    n_cand = int(hist[b1])
-    if n_cand <= CANDIDATE_CAP:
-        threshold, above, ties = _collect_candidates(x, b1, n_cand, need)
-    else:
-        threshold, above, ties = _resolve_by_passes(x, b1, need)
-    return _compact(x, k, threshold, above, ties)
+        got = _select_sampled(x, k)
+        if got is not None:
+            return got
+    b1, above_b1, n_in, _ = _pick_bin(x, _level1_histogram(x), k, sampled=False)
+    if n_in > CANDIDATE_CAP:  # heavy ties: the threshold by two more histogram passes
+        return _compact(x, k, *_resolve_by_passes(x, b1, k - above_b1))
+    c = _Collected(x, b1, SHIFT1, n_in)
+    if (c.found, c.n_above) != (n_in, above_b1):
+        raise RuntimeError(
+            f"select_topk: the collect pass found {c.n_above} keys above the threshold bin and {c.found} in it where "
+            f"the histogram counted {above_b1} and {n_in}; the two passes must compute the same keys. This is a "
+            f"gallop_kernels bug: please report it (GALLOP_BACKEND=reference gives the exact result meanwhile)"
+        )
+    return _compact_mask(x, k, c, _chosen_candidates(x, c, k - above_b1))

@@ -255,7 +255,7 @@ def test_overflowing_score_is_reported(backend, device):
 def test_triton_many_blocks(monkeypatch, device, scorer, cap):
     """Small blocks: persistent histogram loops, many blocks per tensor, ties spanning blocks and tensors."""
     monkeypatch.setenv("GALLOP_BACKEND", "triton")
-    monkeypatch.setattr(tselect, "BLOCK", 16)
+    monkeypatch.setattr(tselect, "BLOCK", 32)
     monkeypatch.setattr(tselect, "CANDIDATE_CAP", cap)
     gen = torch.Generator().manual_seed(5)
     for kind in ("normal", "quantized", "constant"):
@@ -267,9 +267,9 @@ def test_triton_many_blocks(monkeypatch, device, scorer, cap):
 
 
 def _sampled(monkeypatch, stride=4):
-    """The large-call path on small tensors: level 1 from every ``stride``-th block of 16 elements."""
+    """The large-call path on small tensors: level 1 from every ``stride``-th block of 32 elements."""
     monkeypatch.setenv("GALLOP_BACKEND", "triton")
-    monkeypatch.setattr(tselect, "BLOCK", 16)
+    monkeypatch.setattr(tselect, "BLOCK", 32)
     monkeypatch.setattr(tselect, "SAMPLE_MIN_BLOCKS", 1)
     monkeypatch.setattr(tselect, "SAMPLE_STRIDE", stride)
     calls = {"exact level 1": 0, "sampled level 1": 0}
@@ -304,7 +304,7 @@ def test_triton_a_representative_sample_is_confirmed(monkeypatch, device, scorer
     histogram is the full one scaled), the sample's bin is the k-th key's and the exact level 1 never runs."""
     calls = _sampled(monkeypatch)
     gen = torch.Generator().manual_seed(zlib.crc32(f"confirmed/{scorer}".encode()))
-    block_w, block_g = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    block_w, block_g = torch.randn(32, generator=gen), torch.randn(32, generator=gen)
     weights = [block_w.repeat(24).to(device), block_w.repeat(8).to(device)]
     grads = [block_g.repeat(24).to(device), block_g.repeat(8).to(device)]
     for k in (5, 100, 250):
@@ -318,7 +318,7 @@ def test_triton_a_misjudged_sampled_bin_falls_back_to_the_exact_path(monkeypatch
 
     def shifted(x, stride=1):  # the sample points 8 bins too high: the exact counts must refuse it
         hist = real(x, stride)
-        return torch.roll(hist, 8) if stride > 1 else hist
+        return torch.roll(hist, 8, dims=-1) if stride > 1 else hist
 
     monkeypatch.setattr(tselect, "_level1_histogram", shifted)
     gen = torch.Generator().manual_seed(3)
@@ -330,13 +330,13 @@ def test_triton_a_misjudged_sampled_bin_falls_back_to_the_exact_path(monkeypatch
 @pytest.mark.parametrize("bad", ["nan", "inf", "eps0"])
 def test_triton_sampled_level1_finds_a_non_finite_score_in_an_unread_block(monkeypatch, device, bad):
     _sampled(monkeypatch, stride=8)
-    weights = [torch.ones(16 * 24, device=device), torch.ones(16 * 40, device=device)]
+    weights = [torch.ones(32 * 24, device=device), torch.ones(32 * 40, device=device)]
     grads = [torch.ones_like(w) for w in weights]
-    # block 1 of tensor 1 (elements 16..31) is not among every 8th block
+    # block 1 of tensor 1 (elements 32..63) is not among every 8th block
     if bad == "eps0":
-        weights[1][20], grads[1][20] = 0.0, 0.0  # 0 / (0 + 0) = NaN, a sign-bit key
+        weights[1][40], grads[1][40] = 0.0, 0.0  # 0 / (0 + 0) = NaN, a sign-bit key
     else:
-        grads[1][20] = float(bad)
+        grads[1][40] = float(bad)
     with pytest.raises(ValueError, match=r"scores of tensor 1 contain NaN or Inf"):
         gk.select_topk(grads, weights, 10, eps=0.0 if bad == "eps0" else 1e-8)
 
@@ -346,12 +346,14 @@ def test_triton_checks_the_candidate_count_and_never_stores_past_the_buffer(monk
     """If the histogram and the collect pass ever disagreed on the threshold bin's count, the collect kernel must
     not store past the buffer the histogram sized, and the host must refuse the result (issue 16)."""
     monkeypatch.setenv("GALLOP_BACKEND", "triton")
-    monkeypatch.setattr(tselect, "BLOCK", 16)
+    monkeypatch.setattr(tselect, "BLOCK", 32)
     real = tselect._level1_histogram
 
-    def miscounted(x):
-        hist = real(x)
-        return hist + 1 if miscount > 0 else hist - (hist > 1).to(hist.dtype)
+    def miscounted(x):  # every finite bin miscounted (the NaN/Inf bins left alone: they would raise first)
+        hist = real(x).clone()
+        finite = hist[:, : tselect.INVALID_BIN + 1]
+        finite += 1 if miscount > 0 else -(finite > 1).to(hist.dtype)
+        return hist
 
     monkeypatch.setattr(tselect, "_level1_histogram", miscounted)
     gen = torch.Generator().manual_seed(1)
@@ -379,3 +381,17 @@ def test_nan_scores_from_eps_zero_are_named_on_both_backends(backend):
     with pytest.raises(ValueError, match=r"tensor 1 contain NaN or Inf.*raise eps"):
         gk.select_topk(g, w, 3, eps=0.0)
     assert [i.tolist() for i in gk.select_topk(g, w, 3, eps=1e-8)] == [[0, 1, 2], []]
+
+
+@pytest.mark.parametrize("start", [0, 45, 8192 - 64], ids=["first-block", "straddling", "last-block"])
+def test_triton_sparse_candidates_with_full_words(monkeypatch, device, start):
+    """Candidates rare overall (the word-at-a-time loop, not the dense scan) but 64 of them tied in a row: words
+    with all 32 bits set make the candidate loop run its longest, and the ties must still go to the lowest index."""
+    monkeypatch.setenv("GALLOP_BACKEND", "triton")
+    monkeypatch.setattr(tselect, "BLOCK", 32)
+    gen = torch.Generator().manual_seed(start)
+    w = torch.ones(8192, device=device)
+    g = (torch.rand(8192, generator=gen) * 0.5).to(device)
+    g[start : start + 64] = 2.0
+    for k in (1, 10, 33, 64, 70):
+        _check([g], [w], k, "gallop")
