@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from gallop import adapters
 from gallop.adapters import AdapterTensor, read_adapter, write_adapter
+from gallop.adapters import format as adapters
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from gallop import GallopConfig, SparseAdamW, SparseModel, select
-from gallop.adapters import ADAPTER_WEIGHTS, _data_sha256, read_adapter
+from gallop.adapters import ADAPTER_WEIGHTS, read_adapter
+from gallop.adapters.format import _data_sha256
 
 from ..models import random_batches, tiny
 from .helpers import setup, train
@@ -119,7 +120,7 @@ def test_training_while_unmerged_raises_but_evaluation_works():
 def _rewrite(path, mutate):
     """Rewrite an adapter file with its embedded config changed by ``mutate`` (checksum recomputed: the damage is
     consistent, so only the loader's own checks can catch it)."""
-    from gallop.adapters import _load_safetensors
+    from gallop.adapters.format import _load_safetensors
 
     meta, data = _load_safetensors(path)
     config = json.loads(meta["gallop_adapter_config"])
