@@ -228,6 +228,20 @@ def guard(module: nn.Module) -> None:
         module.register_load_state_dict_pre_hook(_refuse_load)
 
 
+def guard_containers(model: nn.Module) -> list[nn.Module]:
+    """``guard`` every module of ``model`` that holds or contains a selected (installed) module; returns them."""
+    named = dict(model.named_modules())
+    paths = {""}
+    for name, m in named.items():
+        if is_installed(m):
+            parts = name.split(".") if name else []
+            paths.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    modules = [named[p] for p in paths if p in named]
+    for m in modules:
+        guard(m)
+    return modules
+
+
 def unguard(module: nn.Module) -> None:
     if isinstance(module.__dict__.get("_apply"), _GuardedApply):
         del module.__dict__["_apply"]

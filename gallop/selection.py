@@ -247,6 +247,12 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
 def check_fits(model: nn.Module, selection: Selection) -> tuple[list[str], dict[str, nn.Parameter], list[torch.Tensor]]:
     """Raise unless ``selection`` names floating, contiguous weights of ``model`` with its shapes, with sorted unique
     indices inside them, all on one device; returns (names, the model's parameters by name, indices per name)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a gallop.Selection (from gallop.select), got {type(selection).__name__}")
+    if selection.num_selected == 0:
+        raise ValueError("selection is empty: nothing to train; select with a larger density")
     params = dict(model.named_parameters())
     names = list(selection)
     indices = []

@@ -109,24 +109,16 @@ class SparseModel(nn.Module):
     selection_fingerprint: torch.Tensor
 
     def __init__(self, model: nn.Module, selection: Selection, *, process_group: Any = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, SparseModel):
             raise ValueError(
                 "model is already a SparseModel; wrap the plain model (sparse.model), or call merge_and_unload() first"
             )
-        if not isinstance(selection, Selection):
-            raise TypeError(
-                f"selection must be a gallop.Selection (from gallop.select), got {type(selection).__name__}"
-            )
-        if selection.num_selected == 0:
-            raise ValueError("selection is empty: nothing to train; select with a larger density")
+        names, params, indices = check_fits(model, selection)  # raises before anything changes, as all below
         if any(layers.is_installed(m) for m in model.modules()):
             raise ValueError(
                 "this model is already wrapped by a SparseModel (its modules carry gallop deltas): call "
                 "merge_and_unload() on that wrapper first, or keep using it"
             )
-        names, params, indices = check_fits(model, selection)
         owners = layers.owning_modules(model, names, params)
         deltas = layers.delta_tree(names)  # built first: a name that cannot be a module path fails before any change
         device = params[names[0]].device
@@ -147,7 +139,7 @@ class SparseModel(nn.Module):
         self._targets = self._attach_targets(
             names, params, [i.to(device).contiguous() for i in indices], owners, device
         )
-        self._guarded = self._guard_modules()
+        self._guarded = layers.guard_containers(model)
         self._install_hooks()
         self.__class__ = _wrapper_class(type(model))  # type: ignore[arg-type]
 
@@ -172,19 +164,6 @@ class SparseModel(nn.Module):
         for t in targets:
             t.synced_version = t.delta._version
         return targets
-
-    def _guard_modules(self) -> list[nn.Module]:
-        """Every module that holds or contains a selected module refuses dtype casts (``layers.guard``)."""
-        named = dict(self._model.named_modules())
-        paths = {""}
-        for name, m in named.items():
-            if layers.is_installed(m):
-                parts = name.split(".") if name else []
-                paths.update(".".join(parts[:i]) for i in range(len(parts) + 1))
-        modules = [named[p] for p in paths if p in named]
-        for m in modules:
-            layers.guard(m)
-        return modules
 
     def _install_hooks(self) -> None:
         """The write-back hooks on the model, the state-dict checks, and the global optimizer step hook."""
