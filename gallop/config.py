@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
-from gallop_kernels import SCORERS
+from gallop_kernels import SCORERS, check_int, check_real
 
 BUDGETS = ("global", "per_tensor")
 ModulePattern = str | list[str] | tuple[str, ...] | None
@@ -49,14 +45,10 @@ class GallopConfig:
     num_selected: int | None = None
 
     def __post_init__(self) -> None:
-        self.density = _real("density", self.density)
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+        self.density = check_real("density", self.density, low=0.0, low_open=True, high=1.0)
         if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of the strings {', '.join(SCORERS)}, got {self.scorer!r}")
-        self.eps = _real("eps", self.eps)
-        if self.eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        self.eps = check_real("eps", self.eps, low=0.0)
         if not isinstance(self.budget, str) or self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of the strings {', '.join(BUDGETS)}, got {self.budget!r}")
         for name in ("target_modules", "exclude_modules"):
@@ -75,11 +67,9 @@ class GallopConfig:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
                 raise TypeError(f"{name} must be None, a regex string or a list of module-name suffixes, got {value!r}")
             setattr(self, name, list(value))
-        self.seed = _integer("seed", self.seed)
+        self.seed = check_int("seed", self.seed)
         if self.num_selected is not None:
-            self.num_selected = _integer("num_selected", self.num_selected)
-            if self.num_selected < 1:
-                raise ValueError(f"num_selected must be >= 1 (or None to use density), got {self.num_selected}")
+            self.num_selected = check_int("num_selected", self.num_selected, low=1, what="or None to use density")
             if self.budget != "global":
                 raise ValueError("num_selected fixes the global budget's k; use density with budget='per_tensor'")
 
@@ -98,19 +88,3 @@ class GallopConfig:
             raise ValueError(f"a GallopConfig is stored as a JSON object of its fields, got a {type(d).__name__}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
-
-
-def _real(name: str, v: Any) -> float:
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-        raise ValueError(f"{name} must be a finite real number (Python, numpy or 0-d tensor scalar), got {v!r}")
-    return float(v)
-
-
-def _integer(name: str, v: Any) -> int:
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-    return int(v)
