@@ -13,6 +13,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +29,20 @@ from .selection import eligible_parameters
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 REDUCTIONS = ("example", "batch")
 ACCUMULATE = ("fp32", "bf16", "cpu")
+
+
+@dataclass
+class CalibrationArguments:
+    """How ``mean_gradients`` reduces and accumulates (the command line's ``--calib_reduction``, ``--accumulate``)."""
+
+    calib_reduction: str = field(
+        default="example",
+        metadata={
+            "help": "example: mean of per-example gradients (the paper); batch: mean of batch losses' gradients",
+            "choices": list(REDUCTIONS),
+        },
+    )
+    accumulate: str = field(default="fp32", metadata={"help": "calibration accumulators", "choices": list(ACCUMULATE)})
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

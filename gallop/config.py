@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gallop_kernels import SCORERS, check_int, check_real
 
+#: the selection budgets: one top-k over the whole model, or the same density in every tensor
 BUDGETS = ("global", "per_tensor")
-ModulePattern = str | list[str] | tuple[str, ...] | None
+# the order matters to transformers' HfArgumentParser, which reads it as one ``str`` argument (no tuple here: it
+# cannot parse one; a tuple is still accepted and stored as a list)
+ModulePattern = list[str] | str | None
+_SUFFIX_LIST = re.compile(r"[\w.]+(\s*,\s*[\w.]+)+")
 
 
 @dataclass
@@ -24,8 +28,8 @@ class GallopConfig:
         budget: ``global`` one top-k over the whole model (the paper) or ``per_tensor`` the same density in
             every tensor.
         target_modules: which modules' ``weight`` is eligible. ``None``: every ``nn.Linear`` (and transformers'
-            ``Conv1D``) except the output head. A list of name suffixes (``["q_proj", "v_proj"]``) or a regex
-            string matched against the full module name, as in PEFT.
+            ``Conv1D``) except the output head. A list of name suffixes (``["q_proj", "v_proj"]``, or the string
+            ``"q_proj,v_proj"``) or a regex string matched against the full module name, as in PEFT.
         exclude_modules: modules removed from the targets (suffix list or regex string).
         seed: seed of the ``random`` scorer.
         num_selected: select exactly this many entries (global budget), overriding ``density``: e.g. to match
@@ -35,14 +39,30 @@ class GallopConfig:
     not to all parameters; ``Selection.density_of_all`` gives the other basis.
     """
 
-    density: float = 0.01
-    scorer: str = "gallop"
-    eps: float = 1e-8
-    budget: str = "global"
-    target_modules: ModulePattern = None
-    exclude_modules: ModulePattern = None
-    seed: int = 0
-    num_selected: int | None = None
+    density: float = field(default=0.01, metadata={"help": "fraction of the eligible weights to train, in (0, 1]"})
+    scorer: str = field(
+        default="gallop",
+        metadata={
+            "help": "gallop |g|/(|w|+eps), gradient |g|, magnitude (smallest |w|), product |g*w|, random",
+            "choices": list(SCORERS),
+        },
+    )
+    eps: float = field(default=1e-8, metadata={"help": "the gallop score's stabilizer"})
+    budget: str = field(
+        default="global",
+        metadata={"help": "one top-k over the model (global) or per tensor", "choices": list(BUDGETS)},
+    )
+    target_modules: ModulePattern = field(
+        default=None,
+        metadata={"help": "regex over module names, or a comma list of suffixes (default: every Linear but the head)"},
+    )
+    exclude_modules: ModulePattern = field(
+        default=None, metadata={"help": "modules removed from the targets: regex, or a comma list of suffixes"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the random scorer (and of training, in gallop finetune)"})
+    num_selected: int | None = field(
+        default=None, metadata={"help": "select exactly this many entries (global budget), overriding density"}
+    )
 
     def __post_init__(self) -> None:
         self.density = check_real("density", self.density, low=0.0, low_open=True, high=1.0)
@@ -55,7 +75,9 @@ class GallopConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, str):
+            if isinstance(value, str) and _SUFFIX_LIST.fullmatch(value):  # "q_proj,v_proj": a list of suffixes
+                value = [v.strip() for v in value.split(",")]
+            elif isinstance(value, str):
                 try:
                     re.compile(value)
                 except re.error as e:
