@@ -18,17 +18,7 @@ _EXPORTS = {
     "SparseAdamW": "optim",
     "load_model": "models",
 }
-__all__ = [
-    "GallopConfig",
-    "mean_gradients",
-    "select",
-    "Selection",
-    "eligible_parameters",
-    "SparseModel",
-    "SparseAdamW",
-    "load_model",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]  # the one list is _EXPORTS (the block below only informs type checkers)
 
 if TYPE_CHECKING:
     from .calibrate import mean_gradients

@@ -1,4 +1,6 @@
-"""Adapter saves survive kills and races: a SIGKILL at any point of a save (deterministically at every step boundary,
+"""Covers gallop.adapters.format.
+
+Adapter saves survive kills and races: a SIGKILL at any point of a save (deterministically at every step boundary,
 and 20 times at random moments) leaves the folder loadable as the old or the new adapter; concurrent writers are
 serialized and readers never see a mix."""
 

@@ -1,4 +1,6 @@
-"""Misuse raises, failed loads change nothing, damaged or odd configs and adapters give a ValueError that names the
+"""Covers gallop.sparse, gallop.adapters (format, io), gallop.config, gallop.calibrate and gallop.optim.
+
+Misuse raises, failed loads change nothing, damaged or odd configs and adapters give a ValueError that names the
 file, the key and the fix (the catalogue in docs/reliability.md)."""
 
 import json
@@ -12,8 +14,8 @@ from gallop import GallopConfig, SparseAdamW, SparseModel, select
 from gallop.adapters import ADAPTER_WEIGHTS, read_adapter
 from gallop.adapters.format import _data_sha256
 
+from ..gallop.helpers import setup, train
 from ..models import random_batches, tiny
-from .helpers import setup, train
 
 
 def _model_state(model):
