@@ -69,7 +69,7 @@ class SparseAdamW(torch.optim.Optimizer):
         nonfinite: str = "skip",
         step_in_backward: bool = False,
     ) -> None:
-        if step_in_backward:
+        if step_in_backward:  # compatibility shim (gallop 0.1's mode): the argument goes in gallop 0.4
             raise ValueError(
                 "step_in_backward was removed in gallop 0.2: delta gradients now come from autograd, so "
                 "no dense gradient exists to free early and the default mode is as fast; drop the "

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Sequence
 
 from ..data import Example, load_examples
-from ..data import batches as batches  # re-exported: its home is gallop.data now
+from ..data import batches as batches  # compatibility shim: its home is gallop.data; goes in gallop 0.4
 
 
 def _fmt(question: str) -> str:
