@@ -18,25 +18,17 @@ _EXPORTS = {
     "SparseAdamW": "optim",
     "load_model": "models",
 }
-__all__ = [
-    "GallopConfig",
-    "mean_gradients",
-    "select",
-    "Selection",
-    "eligible_parameters",
-    "SparseModel",
-    "SparseAdamW",
-    "load_model",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]  # the one list is _EXPORTS (the block below only informs type checkers)
 
-if TYPE_CHECKING:
-    from .calibrate import mean_gradients
-    from .config import GallopConfig
-    from .models import load_model
-    from .optim import SparseAdamW
-    from .selection import Selection, eligible_parameters, select
-    from .sparse import SparseModel
+if TYPE_CHECKING:  # for type checkers only ("x as x": re-exported)
+    from .calibrate import mean_gradients as mean_gradients
+    from .config import GallopConfig as GallopConfig
+    from .models import load_model as load_model
+    from .optim import SparseAdamW as SparseAdamW
+    from .selection import Selection as Selection
+    from .selection import eligible_parameters as eligible_parameters
+    from .selection import select as select
+    from .sparse import SparseModel as SparseModel
 
 
 def __getattr__(name: str) -> Any:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import gallop_kernels
 
 from .checkpointing import eval_but_keep_checkpointing, inputs_require_grad
 from .config import GallopConfig
@@ -27,6 +29,20 @@ from .selection import eligible_parameters
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 REDUCTIONS = ("example", "batch")
 ACCUMULATE = ("fp32", "bf16", "cpu")
+
+
+@dataclass
+class CalibrationArguments:
+    """How ``mean_gradients`` reduces and accumulates (the command line's ``--calib_reduction``, ``--accumulate``)."""
+
+    calib_reduction: str = field(
+        default="example",
+        metadata={
+            "help": "example: mean of per-example gradients (the paper); batch: mean of batch losses' gradients",
+            "choices": list(REDUCTIONS),
+        },
+    )
+    accumulate: str = field(default="fp32", metadata={"help": "calibration accumulators", "choices": list(ACCUMULATE)})
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -75,10 +91,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def calibration_subset(n: int, fraction: float, seed: int = 0) -> list[int]:
     """The paper's calibration sample: ``ceil(fraction * n)`` distinct indices into a training set of ``n``
     examples, chosen at random from ``seed`` (sorted, so the data order is kept)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int (the training set's size), got {n!r}")
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-        raise ValueError(f"fraction (d_s) must be in (0, 1], got {fraction!r}")
+    n = gallop_kernels.check_int("n", n, low=1, what="the training set's size")
+    fraction = gallop_kernels.check_real("fraction (d_s)", fraction, low=0.0, low_open=True, high=1.0)
     size = max(1, math.ceil(fraction * n))
     return sorted(random.Random(seed).sample(range(n), size))
 
@@ -166,11 +180,7 @@ def _check_args(batches: Any, max_batches: Any, reduction: str, accumulate: str)
             f"{type(batches).__name__}; to calibrate on a single batch pass [batch]"
         )
     if max_batches is not None:
-        if isinstance(max_batches, torch.Tensor) and max_batches.numel() == 1 and not max_batches.is_floating_point():
-            max_batches = max_batches.item()
-        if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1:
-            raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-        max_batches = int(max_batches)
+        max_batches = gallop_kernels.check_int("max_batches", max_batches, low=1, what="a positive int or None")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if accumulate not in ACCUMULATE:

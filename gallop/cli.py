@@ -63,13 +63,19 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse(prog: str, types: tuple, argv: Sequence[str], defaults: dict | None = None):
+def parse_arguments(prog: str, types: tuple, argv: Sequence[str], defaults: dict | None = None) -> list:
+    """One instance of each dataclass in ``types`` from the command line ``argv`` of ``gallop <prog>``, through
+    ``HfArgumentParser``. An option two dataclasses share (``--seed``: GallopConfig's and TrainingArguments') is one
+    option, and every dataclass with that field gets its value."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(types, prog=f"gallop {prog}", description=COMMANDS[prog])
+    parser = HfArgumentParser(types, prog=f"gallop {prog}", description=COMMANDS[prog], conflict_handler="resolve")
     if defaults:
         parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=list(argv))
+    namespace = vars(parser.parse_args(list(argv)))
+    return [
+        t(**{f.name: namespace[f.name] for f in dataclasses.fields(t) if f.init and f.name in namespace}) for t in types
+    ]
 
 
 def _setup_logging() -> None:
@@ -82,23 +88,21 @@ def _setup_logging() -> None:
 def cmd_finetune(argv: Sequence[str]) -> int:
     from transformers import TrainingArguments
 
-    from .demo.finetune import (
-        DataArguments,
-        ModelArguments,
-        SelectionArguments,
-        default_output_dir,
-        finetune,
-        training_defaults,
-    )
+    from .config import GallopConfig
+    from .demo.finetune import DataArguments, FinetuneArguments, default_output_dir, finetune, training_defaults
+    from .models import ModelArguments
 
-    model_args, data, sel, training = _parse(
-        "finetune", (ModelArguments, DataArguments, SelectionArguments, TrainingArguments), argv, training_defaults()
+    model_args, data, config, args, training = parse_arguments(
+        "finetune",
+        (ModelArguments, DataArguments, GallopConfig, FinetuneArguments, TrainingArguments),
+        argv,
+        training_defaults(),
     )
     # transformers >= 5 fills a missing --output_dir with "trainer_output" (in the current folder): ours is runs/
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
         training.output_dir = default_output_dir(data)
-    m = finetune(model_args, data, sel, training)
-    _print_finetune(m, sel, training)
+    m = finetune(model_args, data, config, args, training)
+    _print_finetune(m, config, training)
     return 0
 
 
@@ -106,10 +110,10 @@ def _pct(v) -> str:
     return "   n/a" if v is None else f"{100 * v:5.1f}%"
 
 
-def _print_finetune(m: dict, sel, training) -> None:
+def _print_finetune(m: dict, config, training) -> None:
     v, t = m["vanilla"], m["finetuned"]
     print(
-        f"\nGaLLoP ({sel.scorer}, {sel.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
+        f"\nGaLLoP ({config.scorer}, {config.budget} budget): {m['num_selected']:,} of {m['num_eligible']:,} eligible "
         f"weights trained ({100 * m['density_eligible']:.2f}% of the eligible weights, "
         f"{100 * m['density_all']:.3f}% of all parameters), {training.max_steps} steps on '{m['train']}'"
     )
@@ -135,41 +139,50 @@ def _print_finetune(m: dict, sel, training) -> None:
 class SelectArguments:
     calib_examples: int = field(default=64, metadata={"help": "training examples whose mean gradient is used"})
     batch_size: int = field(default=8, metadata={"help": "calibration batch size"})
-    seed: int = field(default=0, metadata={"help": "seed of the random scorer"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
 def cmd_select(argv: Sequence[str]) -> int:
     import time
 
-    from . import mean_gradients, select
-    from .demo.finetune import DataArguments, ModelArguments, SelectionArguments
-    from .demo.tasks import TASKS, batches, task_examples
-    from .models import load_model
+    from gallop_kernels import SCORERS
 
-    model_args, data, sel, args = _parse(
-        "select", (ModelArguments, DataArguments, SelectionArguments, SelectArguments), argv
+    from . import mean_gradients, select
+    from .calibrate import CalibrationArguments
+    from .config import GallopConfig
+    from .data import batches, check_dataset_spec, load_examples
+    from .demo.finetune import DataArguments
+    from .demo.tasks import TASKS, task_examples
+    from .models import ModelArguments, load_model
+
+    model_args, data, config, calib, args = parse_arguments(
+        "select", (ModelArguments, DataArguments, GallopConfig, CalibrationArguments, SelectArguments), argv
     )
-    config = sel.config(args.seed)
     for name in ("calib_examples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive int, got {getattr(args, name)}")
-    if data.task not in TASKS:
-        raise ValueError(f"--task must be a built-in task ({', '.join(TASKS)}), got {data.task!r}")
+    if data.dataset is not None:
+        check_dataset_spec(data.dataset, "--dataset")
+    elif data.task not in TASKS:
+        raise ValueError(f"--task must be a built-in task ({', '.join(TASKS)}), or pass --dataset; got {data.task!r}")
     t0 = time.perf_counter()
     model, tok = load_model(
         model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
     )
     t_load = time.perf_counter() - t0
-    examples = task_examples(data.task, "train", args.calib_examples)
+    if data.dataset is None:
+        examples, source = task_examples(data.task, "train", args.calib_examples), data.task
+    else:
+        rows = load_examples(data.dataset, tok, split=data.split, columns=data.columns())
+        examples, source = rows[: args.calib_examples], data.dataset
     t0 = time.perf_counter()
     grads = mean_gradients(
         model,
         batches(tok, examples, args.batch_size),
         config,
         progress=not args.quiet,
-        reduction=sel.calib_reduction,
-        accumulate=sel.accumulate,
+        reduction=calib.calib_reduction,
+        accumulate=calib.accumulate,
     )
     t_grad = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -179,12 +192,12 @@ def cmd_select(argv: Sequence[str]) -> int:
     print(
         f"that is {100 * chosen.density:.3f}% of the eligible weights and {100 * chosen.density_of_all(model):.3f}% "
         f"of all {sum(p.numel() for p in model.parameters()):,} parameters; calibrated on {len(examples)} "
-        f"'{data.task}' examples"
+        f"'{source}' examples"
     )
     _print_groups("selected fraction per module type", chosen.fraction_by("module"))
     _print_groups("selected fraction per layer", chosen.fraction_by("layer"))
     print("\noverlap with other scorers at the same k (|this ∩ other| / k):")
-    for other in [s for s in ("gradient", "magnitude", "product", "random") if s != sel.scorer]:
+    for other in [s for s in SCORERS if s != config.scorer]:
         o = select(model, grads, dataclasses.replace(config, scorer=other))
         print(f"  {other:<10} {100 * chosen.overlap(o):6.2f}%")
     print(f"\ntime: load {t_load:.1f} s, calibration gradients {t_grad:.1f} s, selection {t_select:.2f} s")
@@ -225,12 +238,11 @@ class EvalArguments:
 
 def cmd_eval(argv: Sequence[str]) -> int:
     from .demo.evaluate import accuracy, exact_match
-    from .demo.finetune import ModelArguments
     from .demo.tasks import TASKS, task_examples
-    from .models import load_model
+    from .models import ModelArguments, load_model
     from .sparse import SparseModel
 
-    model_args, args = _parse("eval", (ModelArguments, EvalArguments), argv)
+    model_args, args = parse_arguments("eval", (ModelArguments, EvalArguments), argv)
     names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown:
@@ -262,11 +274,10 @@ class AdapterArguments:
 
 def cmd_merge(argv: Sequence[str]) -> int:
     from .adapters import check_writable_folder
-    from .demo.finetune import ModelArguments
-    from .models import load_model
+    from .models import ModelArguments, load_model
     from .sparse import SparseModel
 
-    model_args, args = _parse("merge", (ModelArguments, AdapterArguments), argv)
+    model_args, args = parse_arguments("merge", (ModelArguments, AdapterArguments), argv)
     check_writable_folder(args.out, "--out")
     _check_adapter(args.adapter)
     model, tok = load_model(
@@ -285,12 +296,10 @@ class ExportArguments:
 
 
 def cmd_export(argv: Sequence[str]) -> int:
-    from .adapters import check_writable_folder
-    from .demo.finetune import ModelArguments
-    from .models import load_model
-    from .peft_export import export_peft
+    from .adapters import check_writable_folder, export_peft
+    from .models import ModelArguments, load_model
 
-    model_args, args, _ = _parse("export", (ModelArguments, AdapterArguments, ExportArguments), argv)
+    model_args, args, _ = parse_arguments("export", (ModelArguments, AdapterArguments, ExportArguments), argv)
     check_writable_folder(args.out, "--out")
     _check_adapter(args.adapter)
     model, _tok = load_model(
@@ -307,7 +316,7 @@ def cmd_export(argv: Sequence[str]) -> int:
 def cmd_experiment(argv: Sequence[str]) -> int:
     from .demo.experiment import ExperimentArguments, run_experiment
 
-    (args,) = _parse("experiment", (ExperimentArguments,), argv)
+    (args,) = parse_arguments("experiment", (ExperimentArguments,), argv)
     run_experiment(args)
     return 0
 
@@ -315,7 +324,7 @@ def cmd_experiment(argv: Sequence[str]) -> int:
 def cmd_report(argv: Sequence[str]) -> int:
     from .demo.experiment import ReportArguments, write_report
 
-    (args,) = _parse("report", (ReportArguments,), argv)
+    (args,) = parse_arguments("report", (ReportArguments,), argv)
     path = write_report(args.out)
     print(f"wrote {path}")
     return 0

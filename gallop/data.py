@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,23 @@ def load_examples(
     if not rows:
         raise ValueError(f"the dataset {spec!r} (split {split!r}) has no records")
     return [to_example(r, tokenizer, columns, where=f"{spec} record {i}") for i, r in enumerate(rows)]
+
+
+def batches(
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    seed: int = 0,
+    max_length: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches over ``examples``, reshuffled (deterministically from ``seed``) every epoch."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            yield collate(tokenizer, [examples[j] for j in order[i : i + batch_size]], max_length)

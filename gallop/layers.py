@@ -20,6 +20,7 @@ put the selected entries out of step with the deltas.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -227,6 +228,20 @@ def guard(module: nn.Module) -> None:
         module.register_load_state_dict_pre_hook(_refuse_load)
 
 
+def guard_containers(model: nn.Module) -> list[nn.Module]:
+    """``guard`` every module of ``model`` that holds or contains a selected (installed) module; returns them."""
+    named = dict(model.named_modules())
+    paths = {""}
+    for name, m in named.items():
+        if is_installed(m):
+            parts = name.split(".") if name else []
+            paths.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    modules = [named[p] for p in paths if p in named]
+    for m in modules:
+        guard(m)
+    return modules
+
+
 def unguard(module: nn.Module) -> None:
     if isinstance(module.__dict__.get("_apply"), _GuardedApply):
         del module.__dict__["_apply"]
@@ -256,3 +271,89 @@ def uninstall(module: nn.Module) -> None:
 
 def is_installed(module: nn.Module) -> bool:
     return hasattr(module, DELTA)
+
+
+class SelectedWeight:
+    """One selected weight, the one record of it: its name, its parameter, the modules owning it (several when
+    tied), its fp32 delta, and (read from the owning module, so they follow device moves) its indices and base."""
+
+    def __init__(self, name: str, weight: nn.Parameter, modules: list[nn.Module], delta: nn.Parameter) -> None:
+        self.name = name
+        self.weight = weight
+        self.modules = modules
+        self.delta = delta
+        self.synced_version = -1  # the delta's version counter when it was last written into the weight
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return getattr(self.modules[0], INDICES)
+
+    @property
+    def base(self) -> torch.Tensor:
+        return getattr(self.modules[0], BASE)
+
+
+def bad_writes(
+    weights: Sequence[SelectedWeight], deltas: Sequence[torch.Tensor] | None = None, deltas_finite: bool = False
+) -> list[str]:
+    """The names of the weights into which ``cast(base + delta)`` (default: each one's own delta) would put NaN or
+    Inf: a non-finite delta (not checked when ``deltas_finite``), or a merged value that overflows an fp16 weight.
+    One device sync."""
+    checks = []
+    for i, w in enumerate(weights):
+        d = w.delta.detach() if deltas is None else deltas[i]
+        c = [] if deltas_finite else [torch.isfinite(d).all()]
+        if w.weight.dtype == torch.float16:  # the one weight dtype a finite fp32 sum can overflow
+            c.append(torch.isfinite((w.base + d).to(torch.float16)).all())
+        checks.append(c)
+    flat = [c for cs in checks for c in cs]
+    if not flat or bool(torch.stack(flat).all()):
+        return []
+    return [w.name for w, cs in zip(weights, checks) if not all(bool(c) for c in cs)]
+
+
+def owning_modules(model: nn.Module, names: list[str], params: dict[str, nn.Parameter]) -> dict[str, list[nn.Module]]:
+    """name -> the modules holding the weight ``params[name]`` as their ``weight`` (several when tied); raises
+    ValueError if a weight has none, or one of them has its forward replaced on the instance."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        w = module._parameters.get("weight")
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), [])
+            if all(m is not module for m in owners[id(w)]):
+                owners[id(w)].append(module)
+    out = {}
+    for name in names:
+        mods = owners.get(id(params[name]), [])
+        if not mods:
+            raise ValueError(
+                f"{name!r} is not the weight of any module, so GaLLoP cannot route its gradient; exclude "
+                f"it from target_modules"
+            )
+        for m in mods:
+            if has_own_forward(m):
+                raise ValueError(
+                    f"the module owning {name!r} has its forward replaced on the instance (accelerate "
+                    f"hooks or another adapter); GaLLoP needs plain modules: load the model without "
+                    f"offloading hooks"
+                )
+        out[name] = mods
+    return out
+
+
+def delta_tree(names: list[str]) -> nn.Module:
+    """Empty containers mirroring each selected weight's module path (``deltas.model.layers.0...``), for the
+    SparseModel to register the delta parameters in; raises ValueError for a name that cannot be a module path."""
+    root = nn.Module()
+    for name in names:
+        parent = root
+        for part in name.split(".")[:-1]:
+            child = parent._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                try:
+                    parent.add_module(part, child)
+                except KeyError as e:
+                    raise ValueError(f"the parameter name {name!r} cannot be mirrored as a module path ({e})") from None
+            parent = child
+    return root

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,21 @@ def _forget_gguf_quantization(model: Any, name_or_path: str) -> None:
         model.is_quantized = False
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+
+
+@dataclass
+class ModelArguments:
+    """Which model, in which dtype, on which device."""
+
+    model: str = field(
+        default="smollm2",
+        metadata={"help": "'smollm2', 'gemma3-270m', a local model folder, a .gguf file or a Hugging Face Hub id"},
+    )
+    dtype: str = field(default="fp32", metadata={"help": "weights dtype", "choices": list(DTYPES)})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
+    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit"})
+
+    def resolved_device(self) -> str:
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 
@@ -17,18 +14,6 @@ from .sparse import SparseModel
 
 logger = logging.getLogger(__name__)
 NONFINITE = ("skip", "raise")
-
-
-def _number(name: str, v: Any, *, low: float = 0.0, low_open: bool = False) -> float:
-    """A finite real number >= low (> low when low_open), as float; numpy and 0-d tensor scalars accepted."""
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_complex:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__} {v!r}")
-    f = float(v)
-    if not math.isfinite(f) or f < low or (low_open and f == low):
-        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low:g}, got {v!r}")
-    return f
 
 
 def flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -84,22 +69,27 @@ class SparseAdamW(torch.optim.Optimizer):
         nonfinite: str = "skip",
         step_in_backward: bool = False,
     ) -> None:
-        if step_in_backward:
+        if step_in_backward:  # compatibility shim (gallop 0.1's mode): the argument goes in gallop 0.4
             raise ValueError(
                 "step_in_backward was removed in gallop 0.2: delta gradients now come from autograd, so "
                 "no dense gradient exists to free early and the default mode is as fast; drop the "
                 "argument"
             )
-        lr = _number("lr", lr)
-        eps = _number("eps", eps, low_open=True)  # > 0: the update divides by sqrt(v) + eps, and v can be 0
-        weight_decay = _number("weight_decay", weight_decay)
+        lr = gallop_kernels.check_real("lr", lr, low=0.0)
+        eps = gallop_kernels.check_real(
+            "eps", eps, low=0.0, low_open=True
+        )  # > 0: the update divides by sqrt(v) + eps, and v can be 0
+        weight_decay = gallop_kernels.check_real("weight_decay", weight_decay, low=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        betas = (_number("betas[0]", betas[0]), _number("betas[1]", betas[1]))
+        betas = (
+            gallop_kernels.check_real("betas[0]", betas[0], low=0.0),
+            gallop_kernels.check_real("betas[1]", betas[1], low=0.0),
+        )
         if not all(b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if max_grad_norm is not None:
-            max_grad_norm = _number("max_grad_norm", max_grad_norm, low_open=True)
+            max_grad_norm = gallop_kernels.check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         self._sparse = params if isinstance(params, SparseModel) else None
@@ -131,7 +121,10 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict) and "eps" in param_group:  # a group's own eps obeys the constructor's rule
-            param_group = {**param_group, "eps": _number("param_group['eps']", param_group["eps"], low_open=True)}
+            param_group = {
+                **param_group,
+                "eps": gallop_kernels.check_real("param_group['eps']", param_group["eps"], low=0.0, low_open=True),
+            }
         super().add_param_group(param_group)
         if hasattr(self, "_packed"):
             self._packed.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -11,14 +12,12 @@ from torch import nn
 
 import gallop_kernels
 
+from . import layers
 from .config import GallopConfig, ModulePattern
 
 
 def _is_default_target(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2's projections) is matched by name, so gallop imports transformers only lazily.
-    return isinstance(module, nn.Linear) or (
-        type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-    )
+    return isinstance(module, nn.Linear) or layers.is_conv1d(module)
 
 
 def _matches(name: str, pattern: ModulePattern) -> bool:
@@ -123,7 +122,7 @@ class Selection(Mapping[str, torch.Tensor]):
 
     def density_of_all(self, model: nn.Module) -> float:
         """Selected entries / all of the model's parameters (the basis some papers use, e.g. SpIEL)."""
-        total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("gallop_delta"))
+        total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(layers.DELTA))
         return self.num_selected / max(1, total)
 
     def to(self, device: str | torch.device) -> Selection:
@@ -243,3 +242,75 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
     return Selection(
         OrderedDict(zip(names, idx)), OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights)), config
     )
+
+
+def check_fits(model: nn.Module, selection: Selection) -> tuple[list[str], dict[str, nn.Parameter], list[torch.Tensor]]:
+    """Raise unless ``selection`` names floating, contiguous weights of ``model`` with its shapes, with sorted unique
+    indices inside them, all on one device; returns (names, the model's parameters by name, indices per name)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a gallop.Selection (from gallop.select), got {type(selection).__name__}")
+    if selection.num_selected == 0:
+        raise ValueError("selection is empty: nothing to train; select with a larger density")
+    params = dict(model.named_parameters())
+    names = list(selection)
+    indices = []
+    for name in names:
+        if name not in params:
+            raise ValueError(
+                f"selection names {name!r}, which is not a parameter of this model: was it made for another model?"
+            )
+        p = params[name]
+        if tuple(p.shape) != tuple(selection.shapes[name]):
+            raise ValueError(
+                f"selection expects {name!r} of shape {tuple(selection.shapes[name])} but the model's is "
+                f"{tuple(p.shape)}: was it made for another model?"
+            )
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only floating weights can be trained")
+        if not p.is_contiguous():
+            raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it first")
+        idx = selection[name]
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"selection[{name!r}] must be a 1-D int32/int64 tensor")
+        numel = p.numel()
+        cpu = idx.to("cpu", torch.int64)
+        if int(cpu.min()) < 0 or int(cpu.max()) >= numel or bool((cpu[1:] <= cpu[:-1]).any()):
+            raise ValueError(f"selection[{name!r}] must hold sorted unique indices in [0, {numel})")
+        indices.append(idx)
+    devices = {params[n].device for n in names}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the selected weights live on several devices ({sorted(map(str, devices))}); SparseModel "
+            f"needs them on one (load the model without a multi-device device_map)"
+        )
+    return names, params, indices
+
+
+def selection_fingerprint(names: list[str], indices: list[torch.Tensor]) -> int:
+    """A 56-bit fingerprint of (names, indices): equal selections give equal values on every rank and machine."""
+    h = hashlib.sha256()
+    for name, idx in zip(names, indices):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(idx.detach().to(torch.int64).cpu().numpy().tobytes())
+        h.update(b"\1")
+    return int.from_bytes(h.digest()[:7], "little")
+
+
+def check_same_selection_on_all_ranks(fingerprint: int, k: int, device: torch.device, group) -> None:
+    """One all-reduce: raise on every rank if any two ranks hold different selections."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    on = device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    v = torch.tensor([fingerprint, k, -fingerprint, -k], dtype=torch.int64, device=on)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX, group=group)
+    if int(v[0]) != fingerprint or int(v[1]) != k or int(v[2]) != -fingerprint or int(v[3]) != -k:
+        raise RuntimeError(
+            f"the ranks hold different GaLLoP selections (rank {dist.get_rank(group)}: {k:,} entries, fingerprint "
+            f"{fingerprint:014x}): select once with mean_gradients(..., group) so every rank averages the same "
+            f"gradient, or select on rank 0 and broadcast the Selection"
+        )

@@ -31,7 +31,7 @@ class GallopTrainer(Trainer):
     """
 
     def __init__(self, *, sparse_model: SparseModel | None = None, step_in_backward: bool = False, **kwargs) -> None:
-        if step_in_backward:
+        if step_in_backward:  # compatibility shim (gallop 0.1's mode): the argument goes in gallop 0.4
             raise ValueError("step_in_backward was removed in gallop 0.2 (the default step is as fast now); drop it")
         model = kwargs.pop("model", None)
         sparse = sparse_model if sparse_model is not None else model

@@ -90,3 +90,14 @@ def test_uninitialized_library_allocations_are_garbage():
     allocate = eval("torch.empty(4)", {"__name__": reference.__name__, "torch": torch})
     assert bool(torch.isnan(allocate).all())
     assert not bool(torch.isnan(torch.empty(4).fill_(0)).any())
+
+
+def test_library_cli_commands_import_no_demo_module():
+    """``gallop merge`` and ``gallop export`` (and the helpers they call) import nothing from gallop.demo."""
+    tree = ast.parse((ROOT / "gallop" / "cli.py").read_text())
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for name in ("cmd_merge", "cmd_export", "_check_adapter", "parse_arguments"):
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("demo"), f"{name} imports gallop.demo.{node.module}"
+                assert not (node.module or "").startswith("gallop.demo"), f"{name} imports {node.module}"

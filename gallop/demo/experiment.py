@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gallop_kernels import SCORERS
+
 logger = logging.getLogger(__name__)
 
-SPARSE_METHODS = ("gallop", "gradient", "magnitude", "product", "random")
+SPARSE_METHODS = tuple(SCORERS)  # every selection scorer is a sparse method
 # The settings every run of one results folder must share (the grid's lists of tasks, methods, ranks and seeds may
 # grow between invocations; these may not, or rows made under different protocols would be averaged together).
 PROTOCOL = (

@@ -19,25 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gallop.calibrate import CalibrationArguments
+from gallop.config import GallopConfig
+from gallop.models import ModelArguments
+
+__all__ = ["ModelArguments", "DataArguments", "FinetuneArguments", "finetune", "training_defaults", "check"]
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelArguments:
-    """Which model, in which dtype, on which device."""
-
-    model: str = field(
-        default="smollm2",
-        metadata={"help": "'smollm2', 'gemma3-270m', a local model folder, a .gguf file or a Hugging Face Hub id"},
-    )
-    dtype: str = field(default="fp32", metadata={"help": "weights dtype", "choices": ["auto", "bf16", "fp16", "fp32"]})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
-    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit"})
-
-    def resolved_device(self) -> str:
-        import torch
-
-        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
 
 @dataclass
@@ -80,26 +67,9 @@ class DataArguments:
 
 
 @dataclass
-class SelectionArguments:
-    """GaLLoP's selection (GallopConfig) and its calibration gradient."""
+class FinetuneArguments(CalibrationArguments):
+    """The calibration gradient and the outputs of ``gallop finetune`` (the selection itself is a GallopConfig)."""
 
-    density: float = field(default=0.01, metadata={"help": "fraction of the eligible weights to train, in (0, 1]"})
-    scorer: str = field(
-        default="gallop",
-        metadata={
-            "help": "gallop |g|/(|w|+eps), gradient |g|, magnitude (smallest |w|), product |g*w|, random",
-            "choices": ["gallop", "gradient", "magnitude", "product", "random"],
-        },
-    )
-    budget: str = field(
-        default="global",
-        metadata={"help": "one top-k over the model (global) or per tensor", "choices": ["global", "per_tensor"]},
-    )
-    eps: float = field(default=1e-8, metadata={"help": "the gallop score's stabilizer"})
-    target_modules: str | None = field(
-        default=None,
-        metadata={"help": "regex over module names, or a comma list of suffixes (default: every Linear but the head)"},
-    )
     calib_fraction: float = field(
         default=0.25,
         metadata={
@@ -107,33 +77,8 @@ class SelectionArguments:
             "the weights"
         },
     )
-    calib_reduction: str = field(
-        default="example",
-        metadata={
-            "help": "example: mean of per-example gradients (the paper); batch: mean of batch losses' gradients",
-            "choices": ["example", "batch"],
-        },
-    )
-    accumulate: str = field(
-        default="fp32", metadata={"help": "calibration accumulators", "choices": ["fp32", "bf16", "cpu"]}
-    )
     save_deltas: bool = field(default=False, metadata={"help": "also store fp32 deltas in the adapter (to resume)"})
     plot: bool = field(default=True, metadata={"help": "write loss.png (needs matplotlib: pip install gallop[demo])"})
-
-    def config(self, seed: int):
-        from gallop import GallopConfig
-
-        targets: Any = self.target_modules
-        if targets and "," in targets:
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        return GallopConfig(
-            density=self.density,
-            scorer=self.scorer,
-            budget=self.budget,
-            eps=self.eps,
-            target_modules=targets,
-            seed=seed,
-        )
 
 
 def training_defaults() -> dict[str, Any]:
@@ -165,7 +110,9 @@ def training_defaults() -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if k in names}
 
 
-def check(model_args: ModelArguments, data: DataArguments, sel: SelectionArguments, training) -> None:
+def check(
+    model_args: ModelArguments, data: DataArguments, config: GallopConfig, args: FinetuneArguments, training
+) -> None:
     """Every check that needs no model: raises ValueError / FileNotFoundError naming the argument and the fix."""
     from gallop.adapters import check_writable_folder
     from gallop.data import check_dataset_spec
@@ -183,9 +130,10 @@ def check(model_args: ModelArguments, data: DataArguments, sel: SelectionArgumen
                 f"--model {model_args.model!r} not found: pass 'smollm2', 'gemma3-270m', a local "
                 f"model folder, a .gguf file or a Hub id"
             )
-    sel.config(training.seed)  # GallopConfig validates density, scorer, budget, eps, regexes
-    if not 0 < sel.calib_fraction <= 1:
-        raise ValueError(f"--calib_fraction (d_s) must be in (0, 1], got {sel.calib_fraction}")
+    if not isinstance(config, GallopConfig):  # a GallopConfig validated density, scorer, budget, eps, regexes
+        raise TypeError(f"config must be a gallop.GallopConfig, got {type(config).__name__}")
+    if not 0 < args.calib_fraction <= 1:
+        raise ValueError(f"--calib_fraction (d_s) must be in (0, 1], got {args.calib_fraction}")
     for name in ("max_length", "train_examples", "eval_examples"):
         v = getattr(data, name)
         if v < 1:
@@ -275,8 +223,9 @@ def evaluate_all(model, tokenizer, test, ood, progress: bool, label: str) -> dic
     return res
 
 
-def plot_loss(history: list[dict], path: Path, title: str) -> bool:
-    """loss.png from the Trainer's log history; False (and a log line) without matplotlib."""
+def plot_loss(losses: list[float], learning_rates: list[float], path: Path, title: str) -> bool:
+    """loss.png: the training loss at every optimizer step, and the learning rate beside it; False (and a log
+    line) without matplotlib."""
     try:
         import matplotlib
 
@@ -285,37 +234,83 @@ def plot_loss(history: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         logger.warning("matplotlib is not installed (pip install gallop[demo]): no loss.png")
         return False
-    points = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    if not points:
+    if not losses:
         return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p[0] for p in points], [p[1] for p in points], lw=2, marker="o", ms=3)
+    steps = list(range(1, len(losses) + 1))
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax.plot(steps, losses, lw=1.5, marker="o", ms=2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (answer tokens)")
-    ax.set_title(title, fontsize=9)
+    ax_lr.plot(steps[: len(learning_rates)], learning_rates, lw=1.5, color="tab:orange")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
+def _recording_trainer():
+    from transformers import TrainerCallback
+
+    from gallop.trainer import GallopTrainer
+
+    class StepRecorder(TrainerCallback):
+        """After each optimizer step: the step's loss (the sum over its micro-batches, as the Trainer logs it) and
+        the learning rate it used."""
+
+        def __init__(self, trainer) -> None:
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            t = self.trainer
+            t.step_losses.append(sum(t._micro_losses))
+            t._micro_losses.clear()
+            scheduler = kwargs.get("lr_scheduler")
+            if scheduler is not None:
+                t.learning_rates.append(float(scheduler.get_last_lr()[0]))
+
+    class RecordingTrainer(GallopTrainer):
+        """GallopTrainer recording every step's loss and learning rate (for loss.png)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.step_losses: list[float] = []
+            self.learning_rates: list[float] = []
+            self._micro_losses: list[float] = []
+            self.add_callback(StepRecorder(self))
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            self._micro_losses.append(float(loss))
+            return loss
+
+    return RecordingTrainer
+
+
 def finetune(
-    model_args: ModelArguments, data: DataArguments, sel: SelectionArguments, training, model=None, tokenizer=None
+    model_args: ModelArguments,
+    data: DataArguments,
+    config: GallopConfig,
+    args: FinetuneArguments,
+    training,
+    model=None,
+    tokenizer=None,
 ) -> dict:
-    """Run the whole job; returns the metrics (also written to ``<output_dir>/metrics.json``)."""
+    """Run the whole job; returns the metrics (also written to ``<output_dir>/metrics.json``). The selection's
+    seed is the training seed (``gallop finetune --seed`` sets both)."""
     import torch
 
     from gallop import SparseModel, mean_gradients, select
     from gallop.adapters import atomic_write_text
     from gallop.calibrate import calibration_subset
-    from gallop.data import Collator
+    from gallop.data import Collator, batches
     from gallop.models import load_model
-    from gallop.trainer import GallopTrainer
 
     from .evaluate import collapse_rate, forget_ratio
-    from .tasks import batches
 
-    check(model_args, data, sel, training)
+    check(model_args, data, config, args, training)
     progress = not training.disable_tqdm
     timings: dict[str, float] = {}
     torch.manual_seed(training.seed)
@@ -331,18 +326,18 @@ def finetune(
     vanilla = evaluate_all(model, tokenizer, test, ood, progress, "vanilla")
     timings["eval_vanilla_s"] = time.perf_counter() - t0
 
-    config = sel.config(training.seed)
+    config = dataclasses.replace(config, seed=training.seed)
     t0 = time.perf_counter()
     grads = None
     if config.uses_gradients:
-        calib = [train[i] for i in calibration_subset(len(train), sel.calib_fraction, training.seed)]
+        calib = [train[i] for i in calibration_subset(len(train), args.calib_fraction, training.seed)]
         grads = mean_gradients(
             model,
             batches(tokenizer, calib, training.per_device_train_batch_size, max_length=data.max_length),
             config,
             progress=progress,
-            reduction=sel.calib_reduction,
-            accumulate=sel.accumulate,
+            reduction=args.calib_reduction,
+            accumulate=args.accumulate,
         )
     timings["calibration_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -354,7 +349,7 @@ def finetune(
     out = Path(training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sparse = SparseModel(model, selection)
-    trainer = GallopTrainer(
+    trainer = _recording_trainer()(
         sparse_model=sparse, args=training, train_dataset=train, data_collator=Collator(tokenizer, data.max_length)
     )
     t0 = time.perf_counter()
@@ -370,7 +365,7 @@ def finetune(
     timings["eval_tuned_s"] = time.perf_counter() - t0
     metrics = {
         "model": model_args.model,
-        "train": data.dataset or data.task,
+        "train": task_label(data),
         "num_selected": sparse.num_selected,
         "num_eligible": selection.num_eligible,
         "density_eligible": selection.density,
@@ -381,17 +376,19 @@ def finetune(
         "forget_ratio": None if not ood else forget_ratio(vanilla["ood_mean"], tuned["ood_mean"]),
         "collapse_rate": None if not ood else collapse_rate(tuned["ood"]),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "step_losses": trainer.step_losses,
+        "learning_rates": trainer.learning_rates,
         "timings_s": timings,
         "train_tokens_per_s": tokens * epochs / max(1e-9, timings["train_s"]),
         "args": {
             "model": dataclasses.asdict(model_args),
             "data": dataclasses.asdict(data),
-            "selection": dataclasses.asdict(sel),
+            "selection": {**dataclasses.asdict(config), **dataclasses.asdict(args)},
         },
     }
     sparse.save_pretrained(
         out / "adapter",
-        save_deltas=sel.save_deltas,
+        save_deltas=args.save_deltas,
         metrics={
             k: v
             for k, v in (
@@ -402,11 +399,12 @@ def finetune(
             if v is not None and math.isfinite(v)  # the adapter config is strict JSON
         },
     )
-    if sel.plot:
+    if args.plot:
         metrics["loss_png"] = plot_loss(
-            trainer.state.log_history,
+            trainer.step_losses,
+            trainer.learning_rates,
             out / "loss.png",
-            f"GaLLoP {sel.scorer} {100 * sel.density:g}% on {metrics['train']}",
+            f"GaLLoP {config.scorer} {100 * config.density:g}% on {metrics['train']}",
         )
     atomic_write_text(out / "metrics.json", json.dumps(_strict(metrics), indent=1, default=str, allow_nan=False))
     return metrics
@@ -423,6 +421,13 @@ def _strict(obj: Any) -> Any:
     return obj
 
 
+def task_label(data: DataArguments) -> str:
+    """The training task's name in tables, metrics.json and plots: the built-in task, or the dataset's folder or
+    file stem (``~/data/sciq/`` and ``sciq.jsonl`` are ``sciq``; a Hub id ``allenai/sciq`` is ``sciq``)."""
+    if data.dataset is None:
+        return data.task
+    return Path(data.dataset.rstrip("/\\")).stem or "dataset"
+
+
 def default_output_dir(data: DataArguments) -> str:
-    name = data.task if data.dataset is None else Path(data.dataset).stem or "dataset"
-    return os.path.join("runs", f"finetune-{name}")
+    return os.path.join("runs", f"finetune-{task_label(data)}")

@@ -19,11 +19,10 @@ from __future__ import annotations
 import random
 import string
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
-import torch
-
-from ..data import Example, collate, load_examples
+from ..data import Example, load_examples
+from ..data import batches as batches  # compatibility shim: its home is gallop.data; goes in gallop 0.4
 
 
 def _fmt(question: str) -> str:
@@ -437,23 +436,3 @@ def task_examples(name: str, split: str = "train", n: int = 64) -> list[Example]
 def load_jsonl(path) -> list[Example]:
     """Examples from a JSONL file in any format ``gallop.data`` reads (without a chat template)."""
     return load_examples(str(path))
-
-
-def batches(
-    tokenizer,
-    examples: Sequence[Example],
-    batch_size: int,
-    *,
-    epochs: int = 1,
-    seed: int = 0,
-    max_length: int | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Training batches over ``examples``, reshuffled (deterministically from ``seed``) every epoch."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    rng = random.Random(seed)
-    for _ in range(epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            yield collate(tokenizer, [examples[j] for j in order[i : i + batch_size]], max_length)

@@ -137,7 +137,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     model, sel, sparse = _trained()
     sparse.save_pretrained(tmp_path / "a")
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
-    import gallop.adapters as ga
+    import gallop.adapters.format as ga
 
     def boom(*a, **kw):
         raise OSError("disk full")
@@ -159,7 +159,7 @@ def _write_v1(sparse, directory):
     states = sparse.export_state()
     for s in states:
         tensors[f"{s.name}.gaps"] = encode_gaps(s.indices).to(torch.int32).to(torch.int16)
-        tensors[f"{s.name}.values"] = s.delta.to(torch.bfloat16)
+        tensors[f"{s.name}.values"] = s.deltas.to(torch.bfloat16)
         entries[s.name] = {"shape": list(s.shape), "dtype": "float32", "count": int(s.indices.numel())}
     save_file(tensors, str(directory / "gallop_adapter.safetensors"), metadata={"format": "gallop"})
     sha = hashlib.sha256((directory / "gallop_adapter.safetensors").read_bytes()).hexdigest()
@@ -184,7 +184,7 @@ def test_format_version_1_still_loads(tmp_path):
     fresh = tiny("llama")
     loaded = SparseModel.from_pretrained(fresh, tmp_path / "old")
     for s, p in zip(sparse.export_state(), loaded.parameters()):
-        assert torch.equal(p.detach(), s.delta.to(torch.bfloat16).float())  # what 0.1 stored
+        assert torch.equal(p.detach(), s.deltas.to(torch.bfloat16).float())  # what 0.1 stored
     assert loaded.num_selected == sel.num_selected
 
 

@@ -63,6 +63,7 @@ def test_finetune_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert "forget ratio" in text and "parity (ID)" in text and "of all parameters" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["losses"]) == 3 and set(metrics["finetuned"]["ood"]) == {"compare", "capitals"}
+    assert len(metrics["step_losses"]) == 3 and len(metrics["learning_rates"]) == 3  # loss.png: every step
     assert 0 < metrics["density_all"] < metrics["density_eligible"]
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -241,13 +242,14 @@ def test_help_is_fast_and_shows_defaults():
 
 
 def test_hf_argument_parser_defaults():
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import TrainingArguments
 
-    from gallop.demo.finetune import DataArguments, ModelArguments, SelectionArguments, training_defaults
+    from gallop import GallopConfig
+    from gallop.cli import parse_arguments
+    from gallop.demo.finetune import DataArguments, FinetuneArguments, ModelArguments, training_defaults
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, SelectionArguments, TrainingArguments))
-    parser.set_defaults(**training_defaults())
-    model_args, data, sel, training = parser.parse_args_into_dataclasses(args=["--output_dir", "x"])
+    types = (ModelArguments, DataArguments, GallopConfig, FinetuneArguments, TrainingArguments)
+    model_args, data, sel, _, training = parse_arguments("finetune", types, ["--output_dir", "x"], training_defaults())
     assert (model_args.model, data.task, sel.density, sel.scorer) == ("smollm2", "sentiment", 0.01, "gallop")
     assert (training.max_steps, training.learning_rate, training.per_device_train_batch_size) == (32, 6e-5, 8)
 
@@ -268,7 +270,8 @@ def test_smollm2_finetune_gains_in_distribution(tmp_path):
     """The demo's claim, smaller: GaLLoP at 1% clearly improves SmolLM2 on the training task."""
     from transformers import TrainingArguments
 
-    from gallop.demo.finetune import DataArguments, ModelArguments, SelectionArguments, finetune, training_defaults
+    from gallop import GallopConfig
+    from gallop.demo.finetune import DataArguments, FinetuneArguments, ModelArguments, finetune, training_defaults
 
     training = TrainingArguments(
         **{**training_defaults(), "output_dir": str(tmp_path), "max_steps": 24, "disable_tqdm": True}
@@ -276,7 +279,8 @@ def test_smollm2_finetune_gains_in_distribution(tmp_path):
     m = finetune(
         ModelArguments(),
         DataArguments(task="sentiment", eval_examples=32, ood_tasks="capitals"),
-        SelectionArguments(plot=False),
+        GallopConfig(),
+        FinetuneArguments(plot=False),
         training,
     )
     assert m["finetuned"]["id"] >= m["vanilla"]["id"] + 0.2, m
@@ -366,3 +370,30 @@ def test_a_missing_adapter_fails_before_the_model_loads(tmp_path, capsys, no_mod
 def test_select_counts_fail_before_the_model_loads(capsys, no_model_loads, argv):
     assert _run(["select", "--model", "smollm2", *argv]) == 2
     assert "must be a positive int" in capsys.readouterr().err
+
+
+def test_a_dataset_is_labelled_by_its_folder_or_file_stem(tmp_path):
+    from gallop.demo.finetune import DataArguments, default_output_dir, task_label
+
+    assert task_label(DataArguments(dataset=str(tmp_path / "sciq") + "/")) == "sciq"
+    assert task_label(DataArguments(dataset=str(tmp_path / "sciq.jsonl"))) == "sciq"
+    assert task_label(DataArguments(dataset="allenai/sciq")) == "sciq"
+    assert task_label(DataArguments(task="parity")) == "parity"
+    assert default_output_dir(DataArguments(dataset=str(tmp_path / "sciq.jsonl"))).endswith("finetune-sciq")
+
+
+def test_one_seed_option_sets_the_selection_and_the_training_seed():
+    from transformers import TrainingArguments
+
+    from gallop import GallopConfig
+    from gallop.cli import parse_arguments
+    from gallop.demo.finetune import training_defaults
+
+    config, training = parse_arguments(
+        "finetune", (GallopConfig, TrainingArguments), ["--output_dir", "x", "--seed", "7"], training_defaults()
+    )
+    assert config.seed == training.seed == 7
+    (config,) = parse_arguments(
+        "select", (GallopConfig,), ["--target_modules", "q_proj,v_proj", "--budget", "per_tensor"]
+    )
+    assert config.target_modules == ["q_proj", "v_proj"] and config.budget == "per_tensor"

@@ -27,7 +27,7 @@ def _trained(tmp_path, budget="per_tensor", dtype=torch.float32):
 def test_peft_export_loads_in_peft_and_reproduces_the_outputs(tmp_path, dtype):
     from peft import PeftModel
 
-    from gallop.peft_export import export_peft
+    from gallop.adapters.peft import export_peft
 
     trained, sparse = _trained(tmp_path, dtype=dtype)
     if not peft_has_supertuning():  # an older peft: a clear error, nothing written
@@ -61,7 +61,7 @@ def test_peft_export_loads_in_peft_and_reproduces_the_outputs(tmp_path, dtype):
 
 
 def test_a_global_selection_cannot_be_exported_and_says_why(tmp_path):
-    from gallop.peft_export import export_peft
+    from gallop.adapters.peft import export_peft
 
     model = tiny("llama")
     sel = select(model, None, GallopConfig(density=0.1, scorer="magnitude"))  # uneven per-layer counts

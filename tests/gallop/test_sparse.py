@@ -214,8 +214,8 @@ def test_functional_ops_move_version_counters():
     with torch.no_grad():
         sparse(**random_batches(1)[0])
     state = sparse.export_state()[0]
-    assert float(state.delta.abs().min()) > 0.4
-    assert torch.equal(w.detach().reshape(-1)[sel[name].long()], state.base + state.delta)
+    assert float(state.deltas.abs().min()) > 0.4
+    assert torch.equal(w.detach().reshape(-1)[sel[name].long()], state.base + state.deltas)
 
 
 def test_gradient_accumulation_equals_big_batch():

@@ -1,4 +1,6 @@
-"""No op reads or writes outside its tensors, whatever the indices; bad indices, aliased buffers and non-finite
+"""Covers gallop_kernels.api (every op, both backends).
+
+No op reads or writes outside its tensors, whatever the indices; bad indices, aliased buffers and non-finite
 values are refused before anything is written. Both backends (the Triton kernels through the interpreter)."""
 
 import pytest

@@ -1,4 +1,5 @@
-"""GaLLoP adapter folders: encoding, crash-safe writing, verified reading. Knows files and tensors, not models.
+"""The GaLLoP adapter file format: encoding, crash-safe writing, verified reading. Knows files and tensors, not
+models (``gallop.adapters.io`` checks adapters against models; nothing here imports ``gallop.sparse``).
 
 Layout (format version 2, PEFT's file names)::
 
@@ -55,7 +56,9 @@ REQUIRED_KEYS = ("adapter_type", "format_version", "gallop_config", "tensors", "
 
 @dataclass
 class AdapterTensor:
-    """One selected weight in an adapter: its name, shape, dtype, indices and trained values."""
+    """One selected weight as data (CPU tensors): its name, shape, dtype, indices, trained values and, optionally,
+    its fp32 deltas and the fp32 pretrained values at its entries (``base``: what the fingerprint is taken of; never
+    written). What ``read_adapter`` returns, ``write_adapter`` takes and ``SparseModel.export_state`` gives."""
 
     name: str
     shape: tuple[int, ...]
@@ -63,6 +66,7 @@ class AdapterTensor:
     indices: torch.Tensor  # int64, sorted unique
     values: torch.Tensor | None  # weight dtype; None only in legacy (v1) adapters, which stored deltas
     deltas: torch.Tensor | None = None  # fp32
+    base: torch.Tensor | None = None  # fp32
 
 
 @dataclass
@@ -364,7 +368,10 @@ def read_adapter(directory: PathLike) -> Adapter:
 
 
 def _read_legacy(directory: Path) -> Adapter:
-    """Format version 1 (gallop 0.1): int16 gap codes and bf16/fp32 deltas, the config beside the file."""
+    """Format version 1 (gallop 0.1): int16 gap codes and bf16/fp32 deltas, the config beside the file.
+
+    Compatibility shim: gallop 0.4 stops reading format version 1 (load and save such an adapter once with 0.2 or
+    0.3 to convert it)."""
     cfg_path, path = directory / LEGACY_CONFIG, directory / LEGACY_WEIGHTS
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))

@@ -1,4 +1,6 @@
-"""Adapter saves survive kills and races: a SIGKILL at any point of a save (deterministically at every step boundary,
+"""Covers gallop.adapters.format.
+
+Adapter saves survive kills and races: a SIGKILL at any point of a save (deterministically at every step boundary,
 and 20 times at random moments) leaves the folder loadable as the old or the new adapter; concurrent writers are
 serialized and readers never see a mix."""
 
@@ -10,8 +12,8 @@ import time
 import pytest
 import torch
 
-from gallop import adapters
 from gallop.adapters import AdapterTensor, read_adapter, write_adapter
+from gallop.adapters import format as adapters
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -1,4 +1,7 @@
-"""Property tests (hypothesis, derandomized so every run draws the same cases): random shapes, dtypes, tie-heavy
+"""Covers gallop_kernels.api (select_topk, gather, scatter_, sparse_adamw_, weight_grad_at) and gallop.adapters.format
+(the gap code).
+
+Property tests (hypothesis, derandomized so every run draws the same cases): random shapes, dtypes, tie-heavy
 data, k at the edges, and inputs in every memory layout the API accepts (``layouts.py``). The two backends agree
 exactly where the contract says exact (selection, gather, scatter, the gap code) and within the dtype's tolerance
 elsewhere (AdamW, weight_grad_at)."""
@@ -11,8 +14,8 @@ from hypothesis import strategies as st
 import gallop_kernels as gk
 from gallop.adapters import decode_gaps, encode_gaps
 
-from .layouts import LAYOUTS, relayout
-from .oracle import brute_force_topk
+from ..kernels.layouts import LAYOUTS, relayout
+from ..kernels.oracle import brute_force_topk
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SETTINGS = settings(
