@@ -29,7 +29,8 @@ def child(mode: str, device: str, examples: int, out: Path) -> dict:
     import torch
 
     from gallop import GallopConfig, eligible_parameters, mean_gradients, select
-    from gallop.demo.tasks import batches, task_examples
+    from gallop.data import batches
+    from gallop.demo.tasks import task_examples
     from gallop.models import load_model
 
     dev = torch.device(device)

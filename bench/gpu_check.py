@@ -38,7 +38,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_S = 360  # the whole run; one device command may take 600 s, and a rerun must fit in the lease
-TEST_PATHS = ["tests/kernels", "tests/gallop/test_sparse.py", "tests/gallop/test_optim.py"]
+TEST_PATHS = [
+    "tests/kernels",
+    "tests/contracts/test_memory_safety.py",
+    "tests/contracts/test_properties.py",
+    "tests/gallop/test_sparse.py",
+    "tests/gallop/test_optim.py",
+]
 
 
 @dataclass(frozen=True)
