@@ -105,11 +105,18 @@ def select_variants(g="float32", w="bfloat16", out="int32", scorers=range(5)):
     types = _select_types(g, w, out)
     for scorer in scorers:
         for name, (prefix_shift, bin_shift, nbins) in SELECT_LEVELS.items():
-            constexprs = dict(PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift, NBINS=nbins, SCORER=scorer)
-            yield name, tselect._histogram_kernel, types, dict(constexprs, BLOCK=tselect.BLOCK)
+            for even in (False, True):
+                for approx in (False, True) if name == "histogram_l1" and scorer == 0 else (False,):
+                    constexprs = dict(PREFIX_SHIFT=prefix_shift, BIN_SHIFT=bin_shift, NBINS=nbins, SCORER=scorer)
+                    constexprs.update(EVEN=even, APPROX=approx, BLOCK=tselect.BLOCK)
+                    tag = ("_even" if even else "") + ("_sampled" if approx else "")
+                    yield name + tag, tselect._histogram_kernel, types, constexprs
         for dense in (False, True):
-            constexprs = dict(SCORER=scorer, BLOCK=tselect.BLOCK, SHIFT=tselect.SHIFT1, DENSE=dense)
-            yield ("collect_dense" if dense else "collect"), tselect._collect_kernel, types, constexprs
+            for even in (False, True):
+                constexprs = dict(SCORER=scorer, BLOCK=tselect.BLOCK, SHIFT=tselect.SHIFT1, DENSE=dense, EVEN=even)
+                constexprs["EDGE_CHECK"] = True
+                name = "collect" + ("_dense" if dense else "") + ("_even" if even else "")
+                yield name, tselect._collect_kernel, types, constexprs
         yield "count", tselect._count_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
         yield "compact_keys", tselect._compact_kernel, types, dict(SCORER=scorer, BLOCK=tselect.BLOCK)
     masks = dict(GROUP=tselect.GROUP, BLOCK=tselect.BLOCK)

@@ -24,7 +24,7 @@ weight) take one launch per tensor), the host steps named like the reference's:
    in order, from the mask alone, straight into the outputs (one launch over all tensors, a pointer table). The
    result is exactly k indices, sorted per tensor, identical to the reference.
 
-So a call reads every (grad, weight) pair twice (a large call 2 + 1/16 times) and syncs three times. Heavy ties
+So a call reads every (grad, weight) pair twice (a large call 2 + 1/32 times) and syncs three times. Heavy ties
 (more than ``CANDIDATE_CAP`` keys in ``b1``) take ``_resolve_by_passes``: two more histogram passes (bits 19..9,
 then 8..0) give the threshold ``T``, ``_count_kernel`` counts > T / == T per block, and ``_compact`` (
 ``_compact_kernel``) writes the keys > T and the ties whose global rank is below the quota, reading (g, w) again.
@@ -43,8 +43,8 @@ from .._common import MAX_KEY, SCORER_IDS, index_dtype, nonfinite_score_error, r
 
 BLOCK = 2048  # elements per block (tests lower it to exercise many blocks on small tensors)
 CANDIDATE_CAP = 1 << 25  # candidate keys buffered in pass 2 (12 bytes each: int32 key + int64 block number)
-SAMPLE_STRIDE = 16  # a large call's level-1 histogram reads every 16th block of each tensor
-SAMPLE_MIN_BLOCKS = 4096  # ... when the call has at least this many blocks (8M elements); else all of them
+SAMPLE_STRIDE = 32  # a large call's level-1 histogram reads every 32nd block of each tensor
+SAMPLE_MIN_BLOCKS = 8192  # ... when the call has at least this many blocks (16M elements); else all of them
 GROUP = 16  # blocks per program of the mask kernels (popcount, compaction)
 SET_BLOCK = 1024  # chosen candidates per program of _set_bits_kernel
 NB1, SHIFT1 = 2048, 20  # level 1: key bits 30..20 (plus the invalid bins 0x7F8..0x7FF)
@@ -53,6 +53,7 @@ NB3 = 512  # level 3: key bits 8..0
 INVALID_BIN = MAX_KEY >> SHIFT1  # 0x7F7: bins above it only hold NaN/Inf scores
 _INVALID_BIN = tl.constexpr(INVALID_BIN)  # the same, readable inside a compiled kernel
 _SHIFT1 = tl.constexpr(SHIFT1)
+_EDGE = tl.constexpr(8)  # key distance from a bin edge inside which a fast-division key is recomputed exactly
 
 
 @triton.jit
@@ -65,11 +66,14 @@ def _mix32(x):
 
 
 @triton.jit
-def _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER: tl.constexpr):
-    """Int32 keys of the elements at ``offs`` (int64 flat indices); masked lanes get garbage, never used."""
+def _keys(g_ptr, w_ptr, offs, mask, eps, tkey, first, SCORER: tl.constexpr, APPROX: tl.constexpr):
+    """Int32 keys of the elements at ``g_ptr/w_ptr + offs``, whose flat indices are ``first + offs`` (the random
+    scorer hashes them); masked lanes get garbage, never used. ``APPROX``: the gallop quotient by the fast
+    division (``div.full.f32``, within 2 ulp), for callers that check the bin edges (``_near_edges``)."""
     if SCORER == 4:  # random: mix32(mix32(tkey ^ index_hi) ^ index_lo) >> 2
-        lo = (offs & 0xFFFFFFFF).to(tl.uint32)
-        hi = (offs >> 32).to(tl.uint32)
+        index = first + offs
+        lo = (index & 0xFFFFFFFF).to(tl.uint32)
+        hi = (index >> 32).to(tl.uint32)
         h = _mix32(hi ^ tl.cast(tkey, tl.uint32))
         h = _mix32(h ^ lo)
         return (h >> 2).to(tl.int32)
@@ -77,8 +81,11 @@ def _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER: tl.constexpr):
     if SCORER == 2:  # magnitude: 0x7F7FFFFF - bits(|w|)
         return 0x7F7FFFFF - tl.abs(w).to(tl.int32, bitcast=True)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if SCORER == 0:  # gallop: |g| / (|w| + eps), IEEE division like torch
-        s = tl.div_rn(tl.abs(g), tl.abs(w) + eps)
+    if SCORER == 0:  # gallop: |g| / (|w| + eps), IEEE division like torch (or the fast one)
+        if APPROX:
+            s = tl.fdiv(tl.abs(g), tl.abs(w) + eps, ieee_rounding=False)
+        else:
+            s = tl.div_rn(tl.abs(g), tl.abs(w) + eps)
     elif SCORER == 1:  # gradient: |g|
         s = tl.abs(g)
     else:  # product: |g * w|
@@ -87,12 +94,24 @@ def _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER: tl.constexpr):
 
 
 @triton.jit
+def _near_edges(keys, level, SHIFT: tl.constexpr):
+    """Where a fast-division key may fall in another bin than the exact key: within ``EDGE`` of the edges of bin
+    ``level`` (``div.full.f32`` is within 2 ulp of the quotient, the IEEE one within 0.5: 3 ulp, 6 across a
+    binade), a quotient in or near the subnormal range (which the fast division may flush to 0), near the top of
+    the range, or not finite."""
+    low = keys - (level << SHIFT)
+    high = low - (1 << SHIFT)
+    edge = ((low > -_EDGE) & (low < _EDGE)) | ((high > -_EDGE) & (high < _EDGE))
+    return edge | ((keys > 0) & (keys < 0x01800000)) | (keys >= 0x7E800000) | (keys < 0)
+
+
+@triton.jit
 def _block_keys(g_ptr, w_ptr, n, eps, tkey, SCORER: tl.constexpr, BLOCK: tl.constexpr):
     """This program's block: (block number, int64 flat offsets, in-range mask, keys)."""
     b = tl.program_id(0)
     offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    return b, offs, mask, _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+    return b, offs, mask, _keys(g_ptr, w_ptr, offs, mask, eps, tkey, 0, SCORER, False)
 
 
 @triton.jit
@@ -109,6 +128,8 @@ def _histogram_kernel(
     PREFIX_SHIFT: tl.constexpr,
     BIN_SHIFT: tl.constexpr,
     NBINS: tl.constexpr,
+    EVEN: tl.constexpr,
+    APPROX: tl.constexpr,
     SCORER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -116,15 +137,21 @@ def _histogram_kernel(
 
     PREFIX_SHIFT == 32 means no prefix filter (level 1, where negative keys must land in the invalid bins).
     Persistent: program p handles blocks p, p + grid, ... of the ``n_blocks`` blocks read, which are every
-    ``block_stride``-th block of the tensor (1: all of them); one histogram add per program.
+    ``block_stride``-th block of the tensor (1: all of them); one histogram add per program. ``EVEN``: ``n`` is
+    a multiple of ``BLOCK`` (no bounds masks); ``APPROX``: fast-division keys (a sampled level 1, which only
+    guides the exact collect pass).
     """
     pid = tl.program_id(0)
     acc = tl.zeros((NBINS,), dtype=tl.int32)
     excluded = 0
     for b in range(pid, n_blocks, tl.num_programs(0)):
-        offs = tl.cast(b, tl.int64) * block_stride * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        keys = _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+        first = tl.cast(b, tl.int64) * block_stride * BLOCK
+        offs = tl.arange(0, BLOCK)
+        if EVEN:
+            mask = tl.full((BLOCK,), 1, tl.int1)
+        else:
+            mask = offs < tl.minimum(n - first, BLOCK).to(tl.int32)
+        keys = _keys(g_ptr + first, w_ptr + first, offs, mask, eps, tkey, first, SCORER, APPROX)
         if PREFIX_SHIFT < 32:
             mask = mask & ((keys >> PREFIX_SHIFT) == prefix)
         bins = tl.where(mask, (keys >> BIN_SHIFT) & (NBINS - 1), 0)
@@ -168,8 +195,10 @@ def _collect_kernel(
     capacity,
     SHIFT: tl.constexpr,
     DENSE: tl.constexpr,
+    EVEN: tl.constexpr,
     SCORER: tl.constexpr,
     BLOCK: tl.constexpr,
+    EDGE_CHECK: tl.constexpr = True,
 ):
     """Per block (``BLOCK // 32`` words of 32 keys): mask bit = ``key >> SHIFT > level`` (the keys surely
     selected), above[block] = their count, invalid[block] = #{NaN/Inf keys}; the keys with ``key >> SHIFT ==
@@ -181,14 +210,27 @@ def _collect_kernel(
     those positions (still in cache). When candidates are dense (``DENSE``: the host expects one or more every
     two words, heavy ties) a block ranks them by a scan over its keys instead. The count is bumped by every
     block's full tally, but stores stay inside ``capacity``: a count above it means the passes disagreed, or a
-    sampled level 1 misjudged the bin, which the host checks before using the buffer."""
+    sampled level 1 misjudged the bin, which the host checks before using the buffer.
+
+    The gallop scorer's keys come from the fast division, and a block recomputes them exactly when one of them may
+    lie on an edge of bin ``level`` (``_near_edges``: about one block in a million on real data), so every count
+    is exact. ``EDGE_CHECK=False`` drops that branch: never launched, it is the common path ``bench/roofline.py``
+    counts (static counts would add the rare branch to every block)."""
     WORDS: tl.constexpr = BLOCK // 32
     b = tl.program_id(0)
     rows = tl.arange(0, WORDS)
     lanes = tl.arange(0, 32)
-    offs = b.to(tl.int64) * BLOCK + (rows[:, None] * 32 + lanes[None, :])
-    mask = offs < n
-    keys = _keys(g_ptr, w_ptr, offs, mask, eps, tkey, SCORER)
+    first = b.to(tl.int64) * BLOCK
+    g_blk, w_blk = g_ptr + first, w_ptr + first
+    offs = rows[:, None] * 32 + lanes[None, :]  # int32, from the block's first element
+    if EVEN:
+        mask = tl.full((WORDS, 32), 1, tl.int1)
+    else:
+        mask = offs < tl.minimum(n - first, BLOCK).to(tl.int32)
+    keys = _keys(g_blk, w_blk, offs, mask, eps, tkey, first, SCORER, SCORER == 0)
+    if SCORER == 0 and EDGE_CHECK:  # fast division: exact keys for the whole block if one may sit on a bin edge
+        if tl.max(tl.max((mask & _near_edges(keys, level, SHIFT)).to(tl.int32), 1), 0) > 0:
+            keys = _keys(g_blk, w_blk, offs, mask, eps, tkey, first, SCORER, False)
     lvl = keys >> SHIFT
     above = mask & (lvl > level)
     inbin = mask & (lvl == level)
@@ -207,15 +249,18 @@ def _collect_kernel(
         if DENSE:  # many candidates (heavy ties): rank them by a scan over the block's keys
             pos = slot[:, None] + (tl.cumsum(inbin.to(tl.int32), 1) - 1).to(tl.int64)
             keep = inbin & (pos < capacity)
-            tl.store(cand_key_ptr + pos, keys, mask=keep)
-            tl.store(cand_pos_ptr + pos, block.to(tl.int64) * BLOCK + rows[:, None] * 32 + lanes[None, :], mask=keep)
+            exact = _keys(g_blk, w_blk, offs, keep, eps, tkey, first, SCORER, False)
+            tl.store(cand_key_ptr + pos, exact, mask=keep)
+            tl.store(cand_pos_ptr + pos, block.to(tl.int64) * BLOCK + offs, mask=keep)
         else:
             for _ in range(tl.max(per_word, 0)):
                 low, lane = _lowest_bit(words)
                 keep = (words != 0) & (slot < capacity)
-                local = b.to(tl.int64) * BLOCK + rows * 32 + lane
-                tl.store(cand_key_ptr + slot, _keys(g_ptr, w_ptr, local, keep, eps, tkey, SCORER), mask=keep)
-                tl.store(cand_pos_ptr + slot, block.to(tl.int64) * BLOCK + rows * 32 + lane, mask=keep)
+                local = rows * 32 + lane
+                tl.store(
+                    cand_key_ptr + slot, _keys(g_blk, w_blk, local, keep, eps, tkey, first, SCORER, False), mask=keep
+                )
+                tl.store(cand_pos_ptr + slot, block.to(tl.int64) * BLOCK + local, mask=keep)
                 words = words ^ low
                 slot += 1
 
@@ -368,7 +413,8 @@ class _Inputs:
 
 def _histogram(x: _Inputs, prefix: int, prefix_shift: int, bin_shift: int, nbins: int, stride: int = 1):
     """Per-tensor histograms [T, nbins] of key bits ``bin_shift..`` among keys whose ``key >> prefix_shift``
-    equals ``prefix`` (``prefix_shift == 32``: all keys), over every ``stride``-th block of each tensor."""
+    equals ``prefix`` (``prefix_shift == 32``: all keys), over every ``stride``-th block of each tensor. A sampled
+    one (``stride > 1``) only guides the exact passes, so it scores with the fast division."""
     hist = torch.zeros((len(x.sizes), nbins), dtype=torch.int64, device=x.device)
     for pos, n, g, w in x.nonempty():
         n_blocks = triton.cdiv(x.n_blocks[pos], stride)
@@ -385,6 +431,8 @@ def _histogram(x: _Inputs, prefix: int, prefix_shift: int, bin_shift: int, nbins
             PREFIX_SHIFT=prefix_shift,
             BIN_SHIFT=bin_shift,
             NBINS=nbins,
+            EVEN=n % BLOCK == 0,
+            APPROX=stride > 1 and x.scorer == "gallop",
             SCORER=x.sid,
             BLOCK=BLOCK,
         )
@@ -396,10 +444,10 @@ def _level1_histogram(x: _Inputs, stride: int = 1) -> torch.Tensor:
     return _histogram(x, 0, 32, SHIFT1, NB1, stride)
 
 
-def _pick_bin(x: _Inputs, hist: torch.Tensor, k: int, sampled: bool) -> tuple[int, int, int, float]:
+def _pick_bin(x: _Inputs, hist: torch.Tensor, k: int, sampled: bool) -> tuple[int, int, int, float] | None:
     """From a level-1 histogram [T, 2048]: (b1, the keys read above it, in it, the scale from keys read to all
     keys), in one host sync; raises on a NaN/Inf score read (names the tensor). A sampled histogram targets the
-    ``k * read / total``-th key."""
+    ``k * read / total``-th key, and a NaN/Inf key in it (fast division) gives None: the exact path decides."""
     total = hist.sum(0)
     read = total.sum()
     if sampled:
@@ -413,6 +461,8 @@ def _pick_bin(x: _Inputs, hist: torch.Tensor, k: int, sampled: bool) -> tuple[in
     first_bad = torch.where(bad > 0, torch.arange(bad.numel(), device=bad.device), bad.numel()).min()
     b1, above, n_in, read, first_bad = torch.stack([b1, desc[pos] - total[b1], total[b1], read, first_bad]).tolist()
     if first_bad < len(x.sizes):
+        if sampled:
+            return None
         raise nonfinite_score_error(x.scorer, first_bad)
     return b1, above, n_in, sum(x.sizes) / max(read, 1)
 
@@ -449,6 +499,7 @@ class _Collected:
                 capacity,
                 SHIFT=shift,
                 DENSE=dense,
+                EVEN=n % BLOCK == 0,
                 SCORER=x.sid,
                 BLOCK=BLOCK,
             )
@@ -522,7 +573,10 @@ def _select_sampled(x: _Inputs, k: int) -> list[torch.Tensor] | None:
     """Level 1 from every ``SAMPLE_STRIDE``-th block picks the bin likely to hold the k-th key and sizes the
     candidate buffer; the collect pass then counts exactly. Used only if the exact counts confirm the bin
     (above < k <= above + candidates) and the buffer held every candidate; else None (the exact path runs)."""
-    b1, _, n_in, scale = _pick_bin(x, _level1_histogram(x, SAMPLE_STRIDE), k, sampled=True)
+    picked = _pick_bin(x, _level1_histogram(x, SAMPLE_STRIDE), k, sampled=True)
+    if picked is None:
+        return None
+    b1, _, n_in, scale = picked
     capacity = int(1.25 * n_in * scale) + 4 * BLOCK
     if capacity > CANDIDATE_CAP:
         return None  # heavy ties: the exact path resolves them by passes
@@ -596,7 +650,9 @@ def select_topk(
         got = _select_sampled(x, k)
         if got is not None:
             return got
-    b1, above_b1, n_in, _ = _pick_bin(x, _level1_histogram(x), k, sampled=False)
+    picked = _pick_bin(x, _level1_histogram(x), k, sampled=False)
+    assert picked is not None  # an exact level 1 raises on NaN/Inf instead
+    b1, above_b1, n_in, _ = picked
     if n_in > CANDIDATE_CAP:  # heavy ties: the threshold by two more histogram passes
         return _compact(x, k, *_resolve_by_passes(x, b1, k - above_b1))
     c = _Collected(x, b1, SHIFT1, n_in)

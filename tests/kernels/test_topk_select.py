@@ -395,3 +395,30 @@ def test_triton_sparse_candidates_with_full_words(monkeypatch, device, start):
     g[start : start + 64] = 2.0
     for k in (1, 10, 33, 64, 70):
         _check([g], [w], k, "gallop")
+
+
+def test_fast_division_keys_near_a_bin_edge_are_recomputed(device):
+    """The collect pass scores gallop keys with the fast division (within 2 ulp of the quotient on a GPU; exact
+    under the interpreter) and recomputes a block exactly when any key is within ``_EDGE`` of the edges of the
+    threshold bin, or in ranges where the fast division may flush or overflow. This pins which keys count as near."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def near(keys_ptr, out_ptr, level, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        keys = tl.load(keys_ptr + offs, mask=offs < n, other=0)
+        tl.store(out_ptr + offs, tselect._near_edges(keys, level, tselect.SHIFT1).to(tl.int32), mask=offs < n)
+
+    level, edge = 0x3F9, tselect._EDGE.value
+    low, high = level << tselect.SHIFT1, (level + 1) << tselect.SHIFT1
+    cases = {  # key -> near?
+        low - edge: False, low - edge + 1: True, low: True, low + edge - 1: True, low + edge: False,
+        high - edge: False, high - edge + 1: True, high + edge - 1: True, high + edge: False,
+        (low + high) // 2: False, 0: False, 1: True, 0x017FFFFF: True, 0x01800000: False,
+        0x7E7FFFFF: False, 0x7E800000: True, 0x7F800000: True, -0x400000: True,
+    }  # fmt: skip
+    keys = torch.tensor(list(cases), dtype=torch.int32, device=device)
+    out = torch.empty_like(keys)
+    near[(1,)](keys, out, level, keys.numel(), BLOCK=32)
+    assert out.bool().tolist() == list(cases.values())
