@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gallop_kernels as gk  # noqa: E402
 from bench.shapes import llama8b_inputs, llama8b_shapes, peak_extra_memory  # noqa: E402
-from gallop_kernels.adamw import reference  # noqa: E402
+from gallop_kernels.sparse_adamw import reference  # noqa: E402
 
 CALLS = 20  # back-to-back calls per timing round of the ops a training step calls every step
 

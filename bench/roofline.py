@@ -255,7 +255,7 @@ sys.path.insert(0, sys.argv[1])
 import gallop_kernels as gk
 from gallop_kernels.topk_select import triton as tselect
 from gallop_kernels.gather_scatter import triton as tscatter
-from gallop_kernels.adamw import triton as tadamw
+from gallop_kernels.sparse_adamw import triton as tadamw
 
 SYNCING = {"item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "repeat_interleave"}
 

@@ -22,11 +22,11 @@ import torch
 #: op name -> the folder (subpackage of gallop_kernels) that implements it
 OPS = {
     "select_topk": "topk_select",
-    "sparse_adamw_": "adamw",
-    "sparse_adamw_step_": "adamw",
+    "sparse_adamw_": "sparse_adamw",
+    "sparse_adamw_step_": "sparse_adamw",
     "gather": "gather_scatter",
     "scatter_": "gather_scatter",
-    "weight_grad_at": "weight_grad",
+    "weight_grad_at": "weight_grad_at",
 }
 CHOICES = ("auto", "reference", "triton")
 

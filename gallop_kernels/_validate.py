@@ -1,4 +1,4 @@
-"""The validation primitives every op's argument checks are built from (each op folder's ``check_args``).
+"""The validation primitives every op's argument checks are built from (each op folder's ``check_<op>_args``).
 
 Each public op validates its arguments *before* any backend touches memory, so a bad call raises a ``ValueError``
 / ``TypeError`` that names the argument (and the tensor position) and modifies nothing. None of these checks

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _validate, adamw, gather_scatter, topk_select, weight_grad
+from . import _validate, gather_scatter, sparse_adamw, topk_select
+from . import weight_grad_at as weight_grad_at_folder  # the folder; the name weight_grad_at is this module's op
 from ._registry import implementation
 
 
@@ -32,7 +33,7 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _bump(*tensors: torch.Tensor | None) -> None:
+def _increment_versions(*tensors: torch.Tensor | None) -> None:
     """Advance the version counter of tensors an eager op wrote: a Triton launch writes memory behind torch's back,
     and anything that watches versions (a lazy write-back, autograd's saved-tensor check) must see the change."""
     for t in tensors:
@@ -108,17 +109,19 @@ def sparse_adamw_(
     ``"raise"`` raises ``FloatingPointError`` (changing nothing), ``"assume_finite"`` does not check (no device
     sync; for callers that checked already).
     """
-    hp = adamw.check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
+    hyperparams = sparse_adamw.check_sparse_adamw_args(
+        param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay
+    )
     _validate.check_nonfinite_option(nonfinite)
     if nonfinite != "assume_finite" and not _validate.all_finite(grad):
         _nonfinite("grad holds NaN or Inf: the AdamW step was skipped (param and moments unchanged)", nonfinite)
         return
-    args = (param, grad, exp_avg, exp_avg_sq, *hp.values())
+    args = (param, grad, exp_avg, exp_avg_sq, *hyperparams.values())
     if _compiling():
-        adamw.sparse_adamw_op(*args)
+        sparse_adamw.sparse_adamw_op(*args)
     else:
-        adamw.sparse_adamw(*args)
-        _bump(param, exp_avg, exp_avg_sq)
+        sparse_adamw.sparse_adamw_(*args)
+        _increment_versions(param, exp_avg, exp_avg_sq)
 
 
 def sparse_adamw_step_(
@@ -155,7 +158,7 @@ def sparse_adamw_step_(
     ``"assume_finite"`` runs the one fused kernel without checking (no device sync; what training calls). The
     checked modes run the same math as the fused kernel, in three launches and one device sync, bit for bit.
     """
-    hp = adamw.check_step_args(
+    hyperparams = sparse_adamw.check_sparse_adamw_step_args(
         weight,
         weight_grad,
         indices,
@@ -174,12 +177,18 @@ def sparse_adamw_step_(
     )
     indices, base = _validate.dense(indices), _validate.dense(base)
     if _compiling():
-        adamw.sparse_adamw_step_op(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hp.values())
+        sparse_adamw.sparse_adamw_step_op(
+            weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hyperparams.values()
+        )
     elif nonfinite == "assume_finite":
-        adamw.sparse_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hp.values())
-        _bump(weight, delta, exp_avg, exp_avg_sq)
+        sparse_adamw.sparse_adamw_step_(
+            weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, *hyperparams.values()
+        )
+        _increment_versions(weight, delta, exp_avg, exp_avg_sq)
     else:
-        _checked_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, hp, nonfinite)
+        _checked_sparse_adamw_step(
+            weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, hyperparams, nonfinite
+        )
 
 
 def gather(
@@ -213,8 +222,8 @@ def gather(
     if _compiling():
         gather_scatter.gather_into_op(src, indices, out, bool(accumulate))
     else:
-        gather_scatter.gather_into(src, indices, out, bool(accumulate))
-        _bump(out)
+        gather_scatter.gather_into_(src, indices, out, bool(accumulate))
+        _increment_versions(out)
     return out
 
 
@@ -253,8 +262,8 @@ def scatter_(
     if _compiling():
         gather_scatter.scatter_op(dst, indices, values, base)
     else:
-        gather_scatter.scatter(dst, indices, values, base)
-        _bump(dst)
+        gather_scatter.scatter_(dst, indices, values, base)
+        _increment_versions(dst)
 
 
 def weight_grad_at(
@@ -274,7 +283,7 @@ def weight_grad_at(
         check_indices: verify the index range first (one reduction, one device sync).
         path: ``dense`` (the GEMM ``G^T X`` in the inputs' dtype, then a gather: ``M*N*T`` multiply-adds),
             ``sampled`` (a sampled dense-dense product over the selected entries only: ``K*T``), or ``auto``
-            (default): ``sampled`` when ``K`` is at most ``weight_grad.SAMPLED_MAX_DENSITY[device]`` of ``M*N``.
+            (default): ``sampled`` when ``K`` is at most ``weight_grad_at.SAMPLED_MAX_DENSITY[device]`` of ``M*N``.
 
     Returns:
         fp32 ``[len(indices)]``: ``out[i] = sum_t G[t, r] * X[t, c]`` with ``(r, c) = divmod(indices[i], N)``, the
@@ -285,14 +294,16 @@ def weight_grad_at(
     the dense path's GEMM, the sampled path explicitly), so they differ only by summation order, and an entry that
     overflows the inputs' dtype (fp16 above 65504) is inf on both.
     """
-    weight_grad.check_args(grad_output, input, indices, check_indices, path)
+    weight_grad_at_folder.check_weight_grad_at_args(grad_output, input, indices, check_indices, path)
     m, n = grad_output.shape[-1], input.shape[-1]
-    chosen = weight_grad.choose_path(path, indices.numel(), m, n, grad_output.device)
-    op = weight_grad.weight_grad_at_op if _compiling() else weight_grad.weight_grad_at
+    chosen = weight_grad_at_folder.choose_path(path, indices.numel(), m, n, grad_output.device)
+    op = weight_grad_at_folder.weight_grad_at_op if _compiling() else weight_grad_at_folder.weight_grad_at
     return op(grad_output, input, indices, chosen)
 
 
-def _checked_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, hp: dict, nonfinite: str):
+def _checked_sparse_adamw_step(
+    weight, weight_grad, indices, base, delta, exp_avg, exp_avg_sq, hyperparams: dict, nonfinite: str
+):
     """``sparse_adamw_step_`` with its finiteness checks: gather, AdamW on copies of the state, check what would be
     written, then commit. The same kernels' math as the fused step, so the same bits."""
     grad = gather_scatter.gather(weight_grad, indices)
@@ -300,7 +311,7 @@ def _checked_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_
         _nonfinite("weight_grad holds NaN or Inf at the selected entries: the step was skipped", nonfinite, 4)
         return
     new_delta, new_m, new_v = delta.clone(), exp_avg.clone(), exp_avg_sq.clone()
-    adamw.sparse_adamw(new_delta, grad, new_m, new_v, *hp.values())
+    sparse_adamw.sparse_adamw_(new_delta, grad, new_m, new_v, *hyperparams.values())
     if not _validate.all_finite((base.to(torch.float32) + new_delta).to(weight.dtype)):
         _nonfinite(
             f"cast(base + delta) to {weight.dtype} holds NaN or Inf after the update (an overflow of the weight's "
@@ -312,8 +323,8 @@ def _checked_adamw_step(weight, weight_grad, indices, base, delta, exp_avg, exp_
     delta.copy_(new_delta)
     exp_avg.copy_(new_m)
     exp_avg_sq.copy_(new_v)
-    gather_scatter.scatter(weight, indices, delta, base)
-    _bump(weight)
+    gather_scatter.scatter_(weight, indices, delta, base)
+    _increment_versions(weight)
 
 
 def _nonfinite(message: str, nonfinite: str, stacklevel: int = 3) -> None:

@@ -1,7 +1,8 @@
 """gather (dense -> fp32 values at flat indices) and scatter_ (``cast(base + values)`` into a dense tensor).
 
 ``reference.py``: index_select / index_copy_. ``triton.py``: the kernels (explicit round-to-nearest-even casts).
-This module checks the arguments and registers the ``torch.library`` custom ops.
+This module checks the arguments and registers the ``torch.library`` custom ops ``gallop::gather``,
+``gallop::gather_into_`` (``gather`` with ``out=``) and ``gallop::scatter_``, each around the function of its name.
 """
 
 from __future__ import annotations
@@ -76,11 +77,11 @@ def _(src, indices):
     return torch.empty(indices.shape, dtype=torch.float32, device=src.device)
 
 
-def gather_into(src: Tensor, indices: Tensor, out: Tensor, accumulate: bool) -> None:
+def gather_into_(src: Tensor, indices: Tensor, out: Tensor, accumulate: bool) -> None:
     implementation("gather", src.device)(src, indices, out=out, accumulate=accumulate)
 
 
-gather_into_op = torch.library.custom_op("gallop::gather_into_", gather_into, mutates_args=("out",))
+gather_into_op = torch.library.custom_op("gallop::gather_into_", gather_into_, mutates_args=("out",))
 
 
 @gather_into_op.register_fake
@@ -88,11 +89,11 @@ def _(src, indices, out, accumulate) -> None:
     return None
 
 
-def scatter(dst: Tensor, indices: Tensor, values: Tensor, base: Tensor | None) -> None:
+def scatter_(dst: Tensor, indices: Tensor, values: Tensor, base: Tensor | None) -> None:
     implementation("scatter_", dst.device)(dst, indices, values, base=base)
 
 
-scatter_op = torch.library.custom_op("gallop::scatter_", scatter, mutates_args=("dst",))
+scatter_op = torch.library.custom_op("gallop::scatter_", scatter_, mutates_args=("dst",))
 
 
 @scatter_op.register_fake

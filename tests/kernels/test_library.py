@@ -3,7 +3,8 @@
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels import adamw, gather_scatter, weight_grad
+from gallop_kernels import gather_scatter, sparse_adamw
+from gallop_kernels.weight_grad_at import weight_grad_at_op
 
 
 def _adamw_args(n=33):
@@ -15,7 +16,7 @@ def test_opcheck_all_ops():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(6, 7, generator=gen)
     idx = torch.tensor([0, 3, 9, 41], dtype=torch.int64)
-    torch.library.opcheck(adamw.sparse_adamw_op, (*_adamw_args(), 1, 1e-3, 0.9, 0.999, 1e-8, 0.01))
+    torch.library.opcheck(sparse_adamw.sparse_adamw_op, (*_adamw_args(), 1, 1e-3, 0.9, 0.999, 1e-8, 0.01))
     torch.library.opcheck(gather_scatter.gather_op, (w, idx))
     torch.library.opcheck(gather_scatter.gather_into_op, (w, idx, torch.zeros(4), True))
     torch.library.opcheck(gather_scatter.scatter_op, (w.clone(), idx, torch.randn(4, generator=gen), None))
@@ -36,9 +37,9 @@ def test_opcheck_all_ops():
         1e-8,
         0.0,
     )
-    torch.library.opcheck(adamw.sparse_adamw_step_op, step_args)
+    torch.library.opcheck(sparse_adamw.sparse_adamw_step_op, step_args)
     torch.library.opcheck(
-        weight_grad.weight_grad_at_op,
+        weight_grad_at_op,
         (torch.randn(5, 6, generator=gen), torch.randn(5, 7, generator=gen), idx, "sampled"),
     )
 
@@ -70,6 +71,6 @@ def test_compiled_step_has_no_graph_break():
 def test_eager_path_skips_dispatcher(monkeypatch):
     """Outside torch.compile the ops call their implementation directly (no custom-op dispatch cost)."""
     called = []
-    monkeypatch.setattr(adamw, "sparse_adamw_op", lambda *a: called.append(a))
+    monkeypatch.setattr(sparse_adamw, "sparse_adamw_op", lambda *a: called.append(a))
     gk.sparse_adamw_(*_adamw_args(), step=1, lr=1e-3)
     assert not called

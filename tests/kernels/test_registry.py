@@ -23,7 +23,7 @@ def test_every_op_has_a_reference_and_ops_without_triton_use_it(monkeypatch):
         assert callable(getattr(importlib.import_module(f"gallop_kernels.{folder}.reference"), op))
     assert not _registry.has_triton_kernel("weight_grad_at")
     monkeypatch.setenv("GALLOP_BACKEND", "triton")
-    assert _registry.implementation("weight_grad_at", "cpu").__module__ == "gallop_kernels.weight_grad.reference"
+    assert _registry.implementation("weight_grad_at", "cpu").__module__ == "gallop_kernels.weight_grad_at.reference"
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_is_a_clear_error(monkeypatch):

@@ -1,7 +1,12 @@
 """weight_grad_at: a linear layer's weight gradient at selected entries only, ``(G^T X).view(-1)[indices]``.
 
-``reference.py``: the dense product in the activation dtype, then a gather (what CUDA runs too: there is no
-Triton kernel). This module checks the arguments and registers the ``torch.library`` custom op.
+``reference.py`` holds both paths: ``dense`` (the GEMM ``G^T X`` in the inputs' dtype, then a gather) and
+``sampled`` (only the selected entries, a sampled dense-dense product: ``torch.sparse.sampled_addmm`` on the CSR
+pattern of the indices, fp32 accumulation, rounded once to the inputs' dtype). ``choose_path`` picks one per call:
+``path="auto"`` takes ``sampled`` at or below ``SAMPLED_MAX_DENSITY`` of the tensor's entries for its device type
+(10% on a CPU; 0 on CUDA, so CUDA runs ``dense`` unless asked for ``sampled``). There is no Triton kernel: the
+reference is what every device runs. This module checks the arguments, chooses the path and registers the
+``torch.library`` custom op ``gallop::weight_grad_at``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from .._registry import implementation
 from .._validate import check_float, check_index_range, check_indices, check_same_device
 
 
-def check_args(grad_output, input, indices, check_range: bool = True, path: str = "auto") -> None:
+def check_weight_grad_at_args(grad_output, input, indices, check_range: bool = True, path: str = "auto") -> None:
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
     check_float(grad_output, "grad_output")

@@ -1,8 +1,13 @@
 """sparse_adamw_ (AdamW over flat fp32 buffers) and sparse_adamw_step_ (gather + AdamW + write-back, fused).
 
 ``reference.py``: torch.optim.AdamW's single-tensor math. ``triton.py``: the kernels. This module checks the
-arguments and registers the ``torch.library`` custom ops (opaque to torch.compile, with fake implementations)
-whose bodies pick the backend at run time.
+arguments and registers the ``torch.library`` custom ops ``gallop::sparse_adamw_`` and ``gallop::sparse_adamw_step_``
+(opaque to torch.compile, with fake implementations) whose bodies, the functions of the same names, pick the
+backend at run time.
+
+The fused step lives here, not in a folder of its own, because it is this AdamW: both Triton kernels call the one
+``_adamw_math``, which is what makes the checked step (``gather``, ``sparse_adamw_``, ``scatter_``) bit-identical to
+the fused launch, and both take their scalars from one ``adamw_hparams``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .._validate import (
 from ..gather_scatter import check_scatter_args
 
 
-def check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> dict:
+def check_sparse_adamw_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay) -> dict:
     """Validate ``sparse_adamw_``'s arguments; returns the converted scalars."""
     named = [("param", param), ("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     for name, t in named:
@@ -42,7 +47,7 @@ def check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
     return adamw_hparams(step, lr, beta1, beta2, eps, weight_decay)
 
 
-def check_step_args(
+def check_sparse_adamw_step_args(
     weight,
     weight_grad,
     indices,
@@ -73,7 +78,7 @@ def check_step_args(
                 f"{name} has length {t.numel()} but delta has length {delta.numel()}; the state buffers "
                 f"must have one length"
             )
-    hp = adamw_hparams(step, lr, beta1, beta2, eps, weight_decay)
+    hyperparams = adamw_hparams(step, lr, beta1, beta2, eps, weight_decay)
     check_same_device([("weight", weight), ("weight_grad", weight_grad), ("exp_avg", exp_avg)])
     check_no_overlap(
         [
@@ -89,10 +94,10 @@ def check_step_args(
     check_not_differentiable([("delta", delta), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
     if check_indices:
         check_index_range(indices, weight.numel(), unique=True)
-    return hp
+    return hyperparams
 
 
-def sparse_adamw(
+def sparse_adamw_(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
@@ -110,7 +115,7 @@ def sparse_adamw(
 
 
 sparse_adamw_op = torch.library.custom_op(
-    "gallop::sparse_adamw_", sparse_adamw, mutates_args=("param", "exp_avg", "exp_avg_sq")
+    "gallop::sparse_adamw_", sparse_adamw_, mutates_args=("param", "exp_avg", "exp_avg_sq")
 )
 
 
@@ -119,7 +124,7 @@ def _(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_deca
     return None
 
 
-def sparse_adamw_step(
+def sparse_adamw_step_(
     weight: Tensor,
     weight_grad: Tensor,
     indices: Tensor,
@@ -152,7 +157,7 @@ def sparse_adamw_step(
 
 
 sparse_adamw_step_op = torch.library.custom_op(
-    "gallop::sparse_adamw_step_", sparse_adamw_step, mutates_args=("weight", "delta", "exp_avg", "exp_avg_sq")
+    "gallop::sparse_adamw_step_", sparse_adamw_step_, mutates_args=("weight", "delta", "exp_avg", "exp_avg_sq")
 )
 
 

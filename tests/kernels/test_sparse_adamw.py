@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gallop_kernels as gk
-from gallop_kernels.adamw import reference
+from gallop_kernels.sparse_adamw import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -1,5 +1,6 @@
 """weight_grad_at: the weight gradient of a linear layer at selected entries, against torch's own linear backward."""
 
+import importlib
 import zlib
 
 import pytest
@@ -81,16 +82,21 @@ def test_zeros_ties_and_huge_tiny_values(backend, device):
 
 
 def test_auto_picks_the_sampled_path_for_sparse_tensors(monkeypatch):
-    from gallop_kernels import weight_grad
+    # the folder, not the op: gallop_kernels.weight_grad_at is the public function
+    weight_grad_at_folder = importlib.import_module("gallop_kernels.weight_grad_at")
 
     cpu = torch.device("cpu")
-    assert weight_grad.choose_path("auto", 10, 100, 100, cpu) == "sampled"  # 0.1%
-    assert weight_grad.choose_path("auto", 100, 100, 100, cpu) == "sampled"  # 1%
-    assert weight_grad.choose_path("auto", 5000, 100, 100, cpu) == "dense"  # 50%
-    assert weight_grad.choose_path("auto", 10, 100, 100, torch.device("cuda")) == "dense"  # not measured there yet
-    assert weight_grad.choose_path("dense", 1, 100, 100, cpu) == "dense"
+    assert weight_grad_at_folder.choose_path("auto", 10, 100, 100, cpu) == "sampled"  # 0.1%
+    assert weight_grad_at_folder.choose_path("auto", 100, 100, 100, cpu) == "sampled"  # 1%
+    assert weight_grad_at_folder.choose_path("auto", 5000, 100, 100, cpu) == "dense"  # 50%
+    assert (
+        weight_grad_at_folder.choose_path("auto", 10, 100, 100, torch.device("cuda")) == "dense"
+    )  # not measured there yet
+    assert weight_grad_at_folder.choose_path("dense", 1, 100, 100, cpu) == "dense"
     calls = []
-    monkeypatch.setattr(weight_grad, "weight_grad_at", lambda g, x, i, path: calls.append(path) or torch.zeros(1))
+    monkeypatch.setattr(
+        weight_grad_at_folder, "weight_grad_at", lambda g, x, i, path: calls.append(path) or torch.zeros(1)
+    )
     gk.weight_grad_at(torch.ones(4, 100), torch.ones(4, 100), torch.tensor([3]))
     assert calls == ["sampled"]
 
