@@ -19,8 +19,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gallop_kernels.gather_scatter import triton as scatter  # noqa: E402
+from gallop_kernels.select_topk import triton as tselect  # noqa: E402
 from gallop_kernels.sparse_adamw import triton as adamw  # noqa: E402
-from gallop_kernels.topk_select import triton as tselect  # noqa: E402
 
 TARGETS = {"sm90 (H100/H200)": GPUTarget("cuda", 90, 32), "sm80 (A100)": GPUTarget("cuda", 80, 32)}
 _TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64"}

@@ -253,7 +253,7 @@ _COUNT_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import gallop_kernels as gk
-from gallop_kernels.topk_select import triton as tselect
+from gallop_kernels.select_topk import triton as tselect
 from gallop_kernels.gather_scatter import triton as tscatter
 from gallop_kernels.sparse_adamw import triton as tadamw
 
@@ -390,7 +390,7 @@ class Prediction:
 
 def predict(codes: dict[str, KernelCode], host: dict) -> list[Prediction]:
     from bench.shapes import llama8b_shapes
-    from gallop_kernels.topk_select.triton import BLOCK, SAMPLE_MIN_BLOCKS, SAMPLE_STRIDE
+    from gallop_kernels.select_topk.triton import BLOCK, SAMPLE_MIN_BLOCKS, SAMPLE_STRIDE
 
     h1, collect, popcount, set_bits, compact = (codes[n] for n in SELECT_KERNELS)
     programs = 4 * SMS
@@ -444,7 +444,7 @@ def loop_trips(density: float = 0.01) -> dict[str, float]:
     """Expected trips of the data-dependent loops at this selected density: the collect pass loops over its
     block's fullest word of candidates (``CANDIDATES_PER_K * density`` of the keys), the compaction over its
     program's fullest word of selected bits."""
-    from gallop_kernels.topk_select.triton import BLOCK, GROUP
+    from gallop_kernels.select_topk.triton import BLOCK, GROUP
 
     words = BLOCK // 32
     return {
@@ -506,7 +506,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     p.add_argument("--json", default=None, help="also write the counts and predictions here")
     args = p.parse_args(argv)
-    from gallop_kernels.topk_select import triton as tselect
+    from gallop_kernels.select_topk import triton as tselect
 
     if not hasattr(tselect._histogram_kernel, "cache_key"):
         print("the kernels are interpreted in this process: run with TRITON_INTERPRET=0", file=sys.stderr)

@@ -1,7 +1,7 @@
 """gallop_kernels: the kernels behind GaLLoP sparse fine-tuning, as a stable functional API.
 
 Knows tensors, not models. One folder per op or family of ops, named after them (``sparse_adamw``,
-``gather_scatter``, ``weight_grad_at``; ``topk_select`` holds ``select_topk``), each with its pure-PyTorch
+``gather_scatter``, ``weight_grad_at``; ``select_topk``), each with its pure-PyTorch
 ``reference.py`` and, where one exists, its ``triton.py``; ``api.py`` is the contract; README.md says how to add
 an op. Triton kernels run on CUDA tensors, the exact reference elsewhere (``GALLOP_BACKEND=auto|reference|triton``).
 ``check_real`` / ``check_int`` are the one set of scalar validators (the ops' and gallop's): TypeError for a value

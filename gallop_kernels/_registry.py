@@ -21,7 +21,7 @@ import torch
 
 #: op name -> the folder (subpackage of gallop_kernels) that implements it
 OPS = {
-    "select_topk": "topk_select",
+    "select_topk": "select_topk",
     "sparse_adamw_": "sparse_adamw",
     "sparse_adamw_step_": "sparse_adamw",
     "gather": "gather_scatter",

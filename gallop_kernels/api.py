@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _validate, gather_scatter, sparse_adamw, topk_select
+from . import _validate, gather_scatter, sparse_adamw
+from . import select_topk as select_topk_folder  # the folder: the name select_topk is the function below
 from . import weight_grad_at as weight_grad_at_folder  # the folder; the name weight_grad_at is this module's op
 from ._registry import implementation
 
@@ -73,7 +74,7 @@ def select_topk(
     Raises:
         ValueError / TypeError: bad arguments, or a NaN / Inf score (names the tensor position).
     """
-    grads, weights, k, eps, seed = topk_select.check_args(grads, weights, k, scorer, eps, seed)
+    grads, weights, k, eps, seed = select_topk_folder.check_select_topk_args(grads, weights, k, scorer, eps, seed)
     return implementation("select_topk", weights[0].device)(grads, weights, k, scorer=scorer, eps=eps, seed=seed)
 
 

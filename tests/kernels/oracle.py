@@ -2,7 +2,7 @@
 
 import torch
 
-from gallop_kernels.topk_select import reference
+from gallop_kernels.select_topk import reference
 
 
 def brute_force_topk(grads, weights, k, scorer="gallop", eps=1e-8, seed=0):

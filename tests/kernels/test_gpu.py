@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import gallop_kernels as gk
+from gallop_kernels.select_topk import reference
 from gallop_kernels.sparse_adamw import reference as adamw_reference
-from gallop_kernels.topk_select import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

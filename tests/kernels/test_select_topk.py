@@ -7,8 +7,8 @@ import torch
 
 import gallop_kernels as gk
 from gallop_kernels import _common
-from gallop_kernels.topk_select import reference
-from gallop_kernels.topk_select import triton as tselect
+from gallop_kernels.select_topk import reference
+from gallop_kernels.select_topk import triton as tselect
 
 from .oracle import brute_force_topk
 

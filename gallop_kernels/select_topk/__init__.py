@@ -14,7 +14,7 @@ from .._common import SCORERS
 from .._validate import check_float, check_same_device, integer, real
 
 
-def check_args(grads, weights, k, scorer: str, eps, seed) -> tuple[list, list, int, float, int]:
+def check_select_topk_args(grads, weights, k, scorer: str, eps, seed) -> tuple[list, list, int, float, int]:
     """Validate ``select_topk``'s arguments; returns (grads with None entries, weights, k, eps, seed)."""
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {', '.join(SCORERS)}; got {scorer!r}")
