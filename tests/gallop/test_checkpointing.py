@@ -50,23 +50,38 @@ def test_eval_but_keep_checkpointing_leaves_only_the_checkpointing_modules_in_tr
     assert not any(m.training for m in plain.modules())
 
 
+class _Toy(nn.Module):
+    """Input embeddings and one layer whose ``gradient_checkpointing`` flag the test sets (transformers' own
+    checkpointing can add an input hook of its own, so the helper is tested alone here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.layer = nn.Linear(3, 3)
+        self.layer.gradient_checkpointing = False
+        self.requires_grad_(False)  # frozen, as GaLLoP's models are
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+
 def test_inputs_require_grad_only_while_checkpointing_and_grad_are_on():
-    model = tiny("llama").requires_grad_(False)  # frozen, as GaLLoP's models are
-    ids = random_batches(1)[0]["input_ids"]
-    embed = model.get_input_embeddings()
+    model = _Toy()
+    ids = torch.tensor([[1, 2, 3]])
     handle = inputs_require_grad(model)
     assert handle is not None
-    assert not embed(ids).requires_grad  # checkpointing off: nothing changes
-    _enable(model)
-    assert embed(ids).requires_grad  # looked up at each call: enabling it later is seen
+    assert not model.embed(ids).requires_grad  # checkpointing off: nothing changes
+    model.layer.gradient_checkpointing = True
+    assert model.embed(ids).requires_grad  # looked up at each call: enabling it later is seen
     with torch.no_grad():
-        assert not embed(ids).requires_grad
+        assert not model.embed(ids).requires_grad
+    assert model.embed.weight.grad is None and not model.embed.weight.requires_grad
     copied = copy.deepcopy(model)  # the hook is an object, not a closure: the copy's hook looks at the copy
-    pickle.dumps(model)
-    _disable(copied)
-    assert embed(ids).requires_grad and not copied.get_input_embeddings()(ids).requires_grad
+    pickle.loads(pickle.dumps(model))
+    copied.layer.gradient_checkpointing = False
+    assert model.embed(ids).requires_grad and not copied.embed(ids).requires_grad
     handle.remove()
-    assert not embed(ids).requires_grad
+    assert not model.embed(ids).requires_grad
     assert inputs_require_grad(nn.Linear(2, 2)) is None  # no get_input_embeddings: nothing to hook
 
 
