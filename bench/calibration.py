@@ -30,8 +30,8 @@ def child(mode: str, device: str, examples: int, out: Path) -> dict:
 
     from gallop import GallopConfig, eligible_parameters, mean_gradients, select
     from gallop.data import batches
-    from gallop.demo.tasks import task_examples
     from gallop.models import load_model
+    from gallop.tasks import task_examples
 
     dev = torch.device(device)
     model, tok = load_model("smollm2", dtype="fp32", device=device)

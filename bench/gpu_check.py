@@ -43,6 +43,8 @@ TEST_PATHS = [
     "tests/contracts/test_memory_safety.py",
     "tests/contracts/test_properties.py",
     "tests/gallop/test_sparse.py",
+    "tests/gallop/test_layers.py",
+    "tests/gallop/test_checkpointing.py",
     "tests/gallop/test_optim.py",
 ]
 

@@ -2,7 +2,7 @@
 
     gallop finetune     calibrate, select, train the selected entries (GallopTrainer), evaluate ID/OOD, save
     gallop select       phase 1 only: calibration gradients, selection, a summary of what was selected
-    gallop eval         accuracy of a model (with or without an adapter) on built-in tasks
+    gallop eval         accuracy of a model (with or without an adapter) on built-in tasks or a dataset
     gallop merge        an adapter + its base model -> a plain model folder
     gallop export       a gallop adapter -> a PEFT adapter folder (PeftModel.from_pretrained loads it)
     gallop experiment   the paper's protocol: methods x training tasks x seeds, ID/OOD, forget ratio, collapse
@@ -12,6 +12,9 @@ Each subcommand's arguments come from dataclasses through ``HfArgumentParser`` (
 every default). This module imports nothing heavy at the top, so ``gallop --help`` and ``--version`` are instant;
 torch and transformers load when a command runs. User errors print one line (``gallop <command>: error: ...``)
 and exit with status 2; nothing is written before every argument has been checked.
+
+``select``, ``eval``, ``merge`` and ``export`` are the library's commands and import nothing from ``gallop.demo``;
+``finetune``, ``experiment`` and ``report`` run the demo's jobs (imported when the command runs).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 COMMANDS = {
     "finetune": "calibrate, select, train the selected entries, evaluate ID/OOD, save the adapter",
     "select": "phase 1: calibration gradients + selection, with a summary",
-    "eval": "accuracy of a model, with or without an adapter, on built-in tasks",
+    "eval": "accuracy of a model, with or without an adapter, on built-in tasks or a dataset",
     "merge": "write an adapter merged into its base model as a plain model folder",
     "export": "write a gallop adapter as a PEFT adapter folder",
     "experiment": "the paper's protocol: methods x training tasks x seeds, ID/OOD accuracy, forgetting",
@@ -150,10 +153,9 @@ def cmd_select(argv: Sequence[str]) -> int:
     from . import mean_gradients, select
     from .calibrate import CalibrationArguments
     from .config import GallopConfig
-    from .data import batches, check_dataset_spec, load_examples
-    from .demo.finetune import DataArguments
-    from .demo.tasks import TASKS, task_examples
+    from .data import DataArguments, batches, check_dataset_spec, load_examples
     from .models import ModelArguments, load_model
+    from .tasks import TASKS, task_examples
 
     model_args, data, config, calib, args = parse_arguments(
         "select", (ModelArguments, DataArguments, GallopConfig, CalibrationArguments, SelectArguments), argv
@@ -230,36 +232,71 @@ def _check_adapter(value: str, flag: str = "--adapter") -> None:
 @dataclass
 class EvalArguments:
     adapter: str | None = field(default=None, metadata={"help": "a gallop adapter folder (or Hub id) to apply"})
-    tasks: str = field(default="all", metadata={"help": "comma list of built-in tasks, or 'all'"})
-    examples: int = field(default=48, metadata={"help": "test examples per task"})
+    tasks: str | None = field(
+        default=None,
+        metadata={"help": "comma list of built-in tasks, 'all' or 'none' (default: all, or none with --dataset)"},
+    )
+    examples: int = field(default=48, metadata={"help": "test examples per task (the first ones of --dataset)"})
     generative: bool = field(default=False, metadata={"help": "also greedy-decode and score exact match"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
-def cmd_eval(argv: Sequence[str]) -> int:
-    from .demo.evaluate import accuracy, exact_match
-    from .demo.tasks import TASKS, task_examples
-    from .models import ModelArguments, load_model
-    from .sparse import SparseModel
+def _eval_task_names(tasks: str | None, dataset: str | None) -> list[str]:
+    """The built-in tasks ``--tasks`` names (its default: every task without --dataset, none with it)."""
+    from .tasks import TASKS
 
-    model_args, args = parse_arguments("eval", (ModelArguments, EvalArguments), argv)
-    names = list(TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks is None:
+        tasks = "none" if dataset is not None else "all"
+    if tasks == "none":
+        names = []
+    else:
+        names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         raise ValueError(f"--tasks names unknown tasks {unknown}; built-in tasks: {', '.join(TASKS)}")
+    if not names and dataset is None:
+        raise ValueError("--tasks none leaves nothing to evaluate: name built-in tasks or pass --dataset")
+    return names
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    from .data import DatasetArguments, check_dataset_spec, dataset_label, load_examples
+    from .evaluation import accuracy, exact_match
+    from .models import ModelArguments, load_model
+    from .sparse import SparseModel
+    from .tasks import task_examples
+
+    model_args, data, args = parse_arguments(
+        "eval", (ModelArguments, DatasetArguments, EvalArguments), argv, {"split": "test"}
+    )
+    names = _eval_task_names(args.tasks, data.dataset)
     if args.examples < 1:
         raise ValueError(f"--examples must be a positive int, got {args.examples}")
+    if data.dataset is not None:
+        check_dataset_spec(data.dataset, "--dataset")
     if args.adapter:
         _check_adapter(args.adapter)
     model, tok = load_model(
         model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
     )
+    sets = {t: task_examples(t, "test", args.examples) for t in names}
+    if data.dataset is not None:
+        rows = load_examples(data.dataset, tok, split=data.split, columns=data.columns())[: args.examples]
+        if not args.generative and not any(len(ex.choices) > 1 for ex in rows):
+            raise ValueError(
+                f"--dataset {data.dataset!r} has no multiple-choice records (prompt/choices/label), so there is no "
+                f"accuracy by likelihood to measure: pass --generative true to score exact match"
+            )
+        label = dataset_label(data.dataset)
+        sets[f"{label} (dataset)" if label in sets else label] = rows
     if args.adapter:
         SparseModel.from_pretrained(model, args.adapter)
-    print(f"{'task':<14}{'accuracy':>10}" + (f"{'exact match':>13}" if args.generative else ""))
-    for t in names:
-        ex = task_examples(t, "test", args.examples)
-        line = f"{t:<14}{_pct(accuracy(model, tok, ex, progress=not args.quiet)):>10}"
+    width = max(14, *(len(name) + 2 for name in sets))
+    print(f"{'task':<{width}}{'accuracy':>10}" + (f"{'exact match':>13}" if args.generative else ""))
+    for name, ex in sets.items():
+        scored = [e for e in ex if len(e.choices) > 1]  # a record with one answer has no choice to rank
+        acc = accuracy(model, tok, scored, progress=not args.quiet) if scored else None
+        line = f"{name:<{width}}{_pct(acc):>10}"
         if args.generative:
             line += f"{_pct(exact_match(model, tok, ex, progress=not args.quiet)):>13}"
         print(line)

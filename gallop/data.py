@@ -11,6 +11,9 @@ Accepted record formats (one JSON object / dataset row each):
 
 Other column names map onto these with ``columns={"prompt": "question", "completion": "response"}``. Only the
 completion's tokens (and the end-of-sequence token) are trained on; the prompt is masked out of the labels.
+
+``DatasetArguments`` and ``DataArguments`` are the command line's data options (``gallop select``, ``gallop eval``,
+and the demo's ``gallop finetune`` on top of them).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +104,45 @@ class Collator:
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         return collate(self.tokenizer, examples, self.max_length)
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+@dataclass
+class DatasetArguments:
+    """A dataset on the command line: any source ``load_examples`` reads, the split, and the column names."""
+
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "a datasets.load_dataset spec: a local .json/.jsonl/.csv/.parquet file or folder, or a Hub "
+            "dataset id; records as prompt/completion, messages (chat template), prompt/answer or "
+            "prompt/choices/label"
+        },
+    )
+    split: str = field(default="train", metadata={"help": "the dataset split to read"})
+    prompt_column: str = field(default="prompt", metadata={"help": "the dataset column holding the prompt"})
+    completion_column: str = field(default="completion", metadata={"help": "the column holding the completion"})
+    messages_column: str = field(default="messages", metadata={"help": "the column holding chat messages"})
+
+    def columns(self) -> dict[str, str]:
+        """The ``columns`` mapping of ``load_examples``."""
+        return {"prompt": self.prompt_column, "completion": self.completion_column, "messages": self.messages_column}
+
+
+@dataclass
+class DataArguments(DatasetArguments):
+    """The data of a command that trains or calibrates: a built-in task (``gallop.tasks``) or ``--dataset``."""
+
+    task: str = field(
+        default="sentiment",
+        metadata={"help": "a built-in task (see `gallop eval --help`); ignored when --dataset is given"},
+    )
+
+
+def dataset_label(spec: str) -> str:
+    """A dataset's name in tables, metrics and plots: its folder or file stem (``~/data/sciq/`` and ``sciq.jsonl``
+    are ``sciq``; a Hub id ``allenai/sciq`` is ``sciq``), never the full path."""
+    return Path(spec.rstrip("/\\")).stem or "dataset"
 
 
 # ------------------------------------------------------------------------------------------------ records

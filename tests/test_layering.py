@@ -92,12 +92,53 @@ def test_uninitialized_library_allocations_are_garbage():
     assert not bool(torch.isnan(torch.empty(4).fill_(0)).any())
 
 
+LIBRARY_COMMANDS = ("cmd_select", "cmd_eval", "cmd_merge", "cmd_export")
+
+
+def _demo_imports(node: ast.AST) -> list[str]:
+    """The gallop.demo modules that the import statements under ``node`` name (``from .demo...`` in gallop/cli.py,
+    ``gallop.demo...`` anywhere)."""
+    found = []
+    for n in ast.walk(node):
+        if isinstance(n, ast.ImportFrom):
+            module = n.module or ""
+            if (n.level == 1 and module.split(".")[0] == "demo") or (n.level == 0 and module.startswith("gallop.demo")):
+                found.append(module)
+            elif n.level == 1 and not module and any(a.name == "demo" for a in n.names):
+                found.append("demo")
+        elif isinstance(n, ast.Import):
+            found += [a.name for a in n.names if a.name.startswith("gallop.demo")]
+    return found
+
+
 def test_library_cli_commands_import_no_demo_module():
-    """``gallop merge`` and ``gallop export`` (and the helpers they call) import nothing from gallop.demo."""
+    """``gallop select``, ``eval``, ``merge`` and ``export``, every function of gallop/cli.py they call (directly or
+    through one another) and the module's top level import nothing from gallop.demo (the modules they import are
+    held to that by test_library_does_not_import_the_demo)."""
     tree = ast.parse((ROOT / "gallop" / "cli.py").read_text())
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    for name in ("cmd_merge", "cmd_export", "_check_adapter", "parse_arguments"):
-        for node in ast.walk(functions[name]):
-            if isinstance(node, ast.ImportFrom):
-                assert not (node.module or "").startswith("demo"), f"{name} imports gallop.demo.{node.module}"
-                assert not (node.module or "").startswith("gallop.demo"), f"{name} imports {node.module}"
+    top_level = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert not [m for n in top_level for m in _demo_imports(n)], "gallop/cli.py imports the demo at module level"
+    seen: set[str] = set()
+    todo = list(LIBRARY_COMMANDS)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        assert not _demo_imports(functions[name]), f"{name} imports {_demo_imports(functions[name])}"
+        todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name) and n.id in functions]
+    assert {"cmd_select", "cmd_eval", "parse_arguments", "_check_adapter"} <= seen
+
+
+def test_the_demo_import_check_sees_every_spelling():
+    """The check above would see each way gallop/cli.py could import the demo."""
+    for source in (
+        "from .demo.tasks import TASKS",
+        "from .demo import tasks",
+        "from . import demo",
+        "from gallop.demo.finetune import DataArguments",
+        "import gallop.demo.evaluate",
+    ):
+        assert _demo_imports(ast.parse(source)), source
+    assert not _demo_imports(ast.parse("from .data import DataArguments\nfrom .tasks import TASKS"))

@@ -129,8 +129,7 @@ class ReportArguments:
 def check(args: ExperimentArguments) -> None:
     """Every check that needs no model: unknown methods, tasks without choices, bad numbers."""
     from gallop.models import check_device, check_dtype
-
-    from .tasks import TASKS, available_examples
+    from gallop.tasks import TASKS, available_examples
 
     unknown = [m for m in args.method_list() if m not in METHODS]
     if unknown or not args.method_list():
@@ -174,8 +173,7 @@ def _cuda() -> bool:
 
 def _examples(task: str, split: str, n: int):
     from gallop.data import load_examples
-
-    from .tasks import TASKS, task_examples
+    from gallop.tasks import TASKS, task_examples
 
     if task in TASKS:
         return task_examples(task, split, n)
@@ -282,9 +280,8 @@ def run_one(
 
     from gallop import GallopConfig, SparseAdamW, SparseModel, mean_gradients, select
     from gallop.calibrate import calibration_subset
-
-    from .evaluate import accuracy, exact_match
-    from .tasks import batches
+    from gallop.data import batches
+    from gallop.evaluation import accuracy, exact_match
 
     torch.manual_seed(seed)
     device = next(base.parameters()).device
@@ -443,9 +440,8 @@ def run_experiment(args: ExperimentArguments) -> Path:
     import torch
 
     from gallop.adapters import atomic_write_text
+    from gallop.evaluation import accuracy, exact_match
     from gallop.models import load_model
-
-    from .evaluate import accuracy, exact_match
 
     args.apply_quick()
     check(args)

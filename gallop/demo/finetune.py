@@ -21,6 +21,7 @@ from typing import Any
 
 from gallop.calibrate import CalibrationArguments
 from gallop.config import GallopConfig
+from gallop.data import DataArguments as BaseDataArguments
 from gallop.models import ModelArguments
 
 __all__ = ["ModelArguments", "DataArguments", "FinetuneArguments", "finetune", "training_defaults", "check"]
@@ -28,29 +29,14 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DataArguments:
-    """The training data and the evaluation sets."""
+class DataArguments(BaseDataArguments):
+    """The training data (the library's data options) and the evaluation sets."""
 
-    task: str = field(
-        default="sentiment",
-        metadata={"help": "a built-in task (see `gallop eval --help`); ignored when --dataset is given"},
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={
-            "help": "a datasets.load_dataset spec: a local .json/.jsonl/.csv/.parquet file or folder, or a Hub "
-            "dataset id; records as prompt/completion, messages (chat template), prompt/answer or "
-            "prompt/choices/label"
-        },
-    )
     split: str = field(default="train", metadata={"help": "the dataset split to train on"})
     eval_split: str | None = field(
         default=None,
         metadata={"help": "the dataset split to evaluate on (default: the last fifth of --split is held out)"},
     )
-    prompt_column: str = field(default="prompt", metadata={"help": "the dataset column holding the prompt"})
-    completion_column: str = field(default="completion", metadata={"help": "the column holding the completion"})
-    messages_column: str = field(default="messages", metadata={"help": "the column holding chat messages"})
     max_length: int = field(default=512, metadata={"help": "truncate examples to this many tokens"})
     train_examples: int = field(default=256, metadata={"help": "training examples used (at most)"})
     eval_examples: int = field(default=24, metadata={"help": "test examples per task (ID and each OOD task)"})
@@ -61,9 +47,6 @@ class DataArguments:
             "forgetting shows), 'all', or 'none'"
         },
     )
-
-    def columns(self) -> dict[str, str]:
-        return {"prompt": self.prompt_column, "completion": self.completion_column, "messages": self.messages_column}
 
 
 @dataclass
@@ -117,8 +100,7 @@ def check(
     from gallop.adapters import check_writable_folder
     from gallop.data import check_dataset_spec
     from gallop.models import BUILTIN_MODELS, check_device, check_dtype
-
-    from .tasks import TASKS, available_examples
+    from gallop.tasks import TASKS, available_examples
 
     check_dtype(model_args.dtype)
     check_device(model_args.resolved_device())
@@ -176,7 +158,7 @@ def check(
 
 
 def ood_task_names(data: DataArguments) -> list[str]:
-    from .tasks import TASKS
+    from gallop.tasks import TASKS
 
     if data.ood_tasks == "none":
         return []
@@ -187,8 +169,7 @@ def ood_task_names(data: DataArguments) -> list[str]:
 def load_data(data: DataArguments, tokenizer):
     """(train examples, ID test examples, {OOD task: test examples})."""
     from gallop.data import load_examples
-
-    from .tasks import task_examples
+    from gallop.tasks import task_examples
 
     if data.dataset is None:
         train = task_examples(data.task, "train", data.train_examples)
@@ -212,7 +193,7 @@ def load_data(data: DataArguments, tokenizer):
 
 def evaluate_all(model, tokenizer, test, ood, progress: bool, label: str) -> dict:
     """Accuracy on the ID examples that have choices (else its loss-free exact-match stays absent), and OOD."""
-    from .evaluate import accuracy
+    from gallop.evaluation import accuracy
 
     scored = [e for e in test if len(e.choices) > 1]
     res = {
@@ -424,9 +405,9 @@ def _strict(obj: Any) -> Any:
 def task_label(data: DataArguments) -> str:
     """The training task's name in tables, metrics.json and plots: the built-in task, or the dataset's folder or
     file stem (``~/data/sciq/`` and ``sciq.jsonl`` are ``sciq``; a Hub id ``allenai/sciq`` is ``sciq``)."""
-    if data.dataset is None:
-        return data.task
-    return Path(data.dataset.rstrip("/\\")).stem or "dataset"
+    from gallop.data import dataset_label
+
+    return data.task if data.dataset is None else dataset_label(data.dataset)
 
 
 def default_output_dir(data: DataArguments) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gallop import GallopConfig, SparseModel, mean_gradients, select
+from gallop import GallopConfig, SparseAdamW, SparseModel, mean_gradients, select
 
 from ..models import random_batches, tiny
 
@@ -74,3 +74,22 @@ def adam_tol(lr: float, steps: int, dtype=torch.float32):
     """
     eps = torch.finfo(dtype).eps
     return dict(rtol=1024 * eps, atol=lr * steps / 1024)
+
+
+def trained(dtype=torch.float32, lr=1e-2, steps=3):
+    """A tiny model with a selection, trained a few steps: (model, selection, sparse model)."""
+    model, sel = setup(dtype=dtype)
+    sparse = SparseModel(model, sel)
+    train(sparse, SparseAdamW(sparse, lr=lr), random_batches(steps))
+    return model, sel, sparse
+
+
+def saved_adapter(tmp_path, budget="per_tensor", dtype=torch.float32):
+    """A tiny Llama trained at a random 10% selection, its adapter saved to ``tmp_path / "adapter"``:
+    (model, sparse model)."""
+    model = tiny("llama", dtype=dtype)
+    sel = select(model, None, GallopConfig(density=0.1, scorer="random", budget=budget))
+    sparse = SparseModel(model, sel)
+    train(sparse, SparseAdamW(sparse, lr=1e-2), random_batches(3))
+    sparse.save_pretrained(tmp_path / "adapter")
+    return model, sparse

@@ -397,3 +397,63 @@ def test_one_seed_option_sets_the_selection_and_the_training_seed():
         "select", (GallopConfig,), ["--target_modules", "q_proj,v_proj", "--budget", "per_tensor"]
     )
     assert config.target_modules == ["q_proj", "v_proj"] and config.budget == "per_tensor"
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["eval", "--tasks", "none"], "--tasks none leaves nothing to evaluate"),
+        (["eval", "--tasks", "trivia"], "--tasks names unknown tasks ['trivia']"),
+        (["eval", "--dataset", "nosuch.jsonl"], "--dataset 'nosuch.jsonl' does not exist"),
+        (["select", "--dataset", "nosuch.jsonl"], "--dataset 'nosuch.jsonl' does not exist"),
+        (["select", "--task", "trivia"], "--task must be a built-in task"),
+    ],
+)
+def test_select_and_eval_data_arguments_fail_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, no_model_loads, argv, msg
+):
+    monkeypatch.chdir(tmp_path)
+    assert _run([*argv[:1], "--model", "smollm2", *argv[1:]]) == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_select_and_eval_take_any_dataset_gallop_data_reads(tiny_model_dir, tmp_path, capsys):
+    choices = tmp_path / "quiz.jsonl"
+    choices.write_text(
+        "\n".join(json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "label": i % 2}) for i in range(6))
+    )
+    completions = tmp_path / "notes.jsonl"
+    completions.write_text("\n".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}"}) for i in range(4)))
+    model = ["--model", str(tiny_model_dir)]
+    assert (
+        main(
+            [
+                "select",
+                *model,
+                "--dataset",
+                str(choices),
+                "--calib_examples",
+                "4",
+                "--batch_size",
+                "2",
+                "--quiet",
+                "true",
+            ]
+        )
+        == 0
+    )
+    assert f"calibrated on 4 '{choices}' examples" in capsys.readouterr().out
+    assert main(["eval", *model, "--dataset", str(choices), "--examples", "4", "--quiet", "true"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split() == ["task", "accuracy"] and [r.split()[0] for r in rows[1:]] == ["quiz"]  # no built-ins
+    assert (
+        main(["eval", *model, "--dataset", str(choices), "--tasks", "compare", "--examples", "4", "--quiet", "true"])
+        == 0
+    )
+    assert [r.split()[0] for r in capsys.readouterr().out.splitlines()[1:]] == ["compare", "quiz"]
+    assert main(["eval", *model, "--dataset", str(completions), "--quiet", "true"]) == 2
+    assert "no multiple-choice records" in capsys.readouterr().err
+    assert main(["eval", *model, "--dataset", str(completions), "--generative", "true", "--quiet", "true"]) == 0
+    (row,) = capsys.readouterr().out.splitlines()[1:]
+    assert row.split()[:2] == ["notes", "n/a"]  # one answer per record: exact match only

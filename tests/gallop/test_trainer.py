@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gallop import SparseAdamW, SparseModel
+from gallop import GallopConfig, SparseAdamW, SparseModel, select
 from gallop.trainer import GallopTrainer
 
-from ..models import random_batches, tiny
+from ..models import llama, random_batches, tiny
 from .helpers import adam_tol, setup, tol
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -188,3 +188,37 @@ def test_gallop_trainer_rejects_bad_setup(tmp_path):
         GallopTrainer(sparse_model=sparse, args=_args(tmp_path), train_dataset=_rows()).train(
             resume_from_checkpoint=str(tmp_path / "checkpoint-1")
         )
+
+
+def test_trl_sft_trainer_trains_a_gallop_model(tmp_path):
+    """TRL's SFTTrainer with the SparseModel as its model: only the selected entries move."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer
+
+    from gallop.models import smollm2_gguf
+
+    path = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = llama(vocab_size=len(tok), max_position_embeddings=128)
+    sel = select(model, None, GallopConfig(density=0.05, scorer="random"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sparse = SparseModel(model, sel)
+    data = datasets.Dataset.from_list(
+        [{"prompt": f"Is {i} even?", "completion": " yes" if i % 2 == 0 else " no"} for i in range(16)]
+    )
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = trl.SFTTrainer(model=sparse, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    changed = sum(int((p.detach() != before[n]).sum()) for n, p in model.named_parameters() if n in before)
+    assert 0 < changed <= sel.num_selected
