@@ -45,6 +45,7 @@ BLOCK = 2048  # elements per block (tests lower it to exercise many blocks on sm
 CANDIDATE_CAP = 1 << 25  # candidate keys buffered in pass 2 (12 bytes each: int32 key + int64 block number)
 SAMPLE_STRIDE = 32  # a large call's level-1 histogram reads every 32nd block of each tensor
 SAMPLE_MIN_BLOCKS = 8192  # ... when the call has at least this many blocks (16M elements); else all of them
+DENSE_SPACING = 64  # collect scans (DENSE) when the host expects a candidate per 64 elements (2 words) or more
 GROUP = 16  # blocks per program of the mask kernels (popcount, compaction)
 SET_BLOCK = 1024  # chosen candidates per program of _set_bits_kernel
 NB1, SHIFT1 = 2048, 20  # level 1: key bits 30..20 (plus the invalid bins 0x7F8..0x7FF)
@@ -480,7 +481,7 @@ class _Collected:
         self.key = torch.empty(capacity, dtype=torch.int32, device=dev)
         self.pos = torch.empty(capacity, dtype=torch.int64, device=dev)
         count = torch.zeros(1, dtype=torch.int64, device=dev)
-        dense = 64 * capacity >= sum(x.sizes)  # a candidate every two words or more: scan, not loop
+        self.dense = DENSE_SPACING * capacity >= sum(x.sizes)  # a candidate every two words or more: scan
         for pos, n, g, w in x.nonempty():
             _collect_kernel[(x.n_blocks[pos],)](
                 g,
@@ -498,7 +499,7 @@ class _Collected:
                 count,
                 capacity,
                 SHIFT=shift,
-                DENSE=dense,
+                DENSE=self.dense,
                 EVEN=n % BLOCK == 0,
                 SCORER=x.sid,
                 BLOCK=BLOCK,

@@ -283,8 +283,16 @@ def _sampled(monkeypatch, stride=4):
     return calls
 
 
-@pytest.mark.parametrize("scorer", SCORERS)
-@pytest.mark.parametrize("kind", ["normal", "quantized", "constant"])
+# every scorer on normal data; quantized (ties) and constant data on a hashed and a divided key
+_SAMPLED_CASES = [(s, "normal") for s in SCORERS] + [
+    ("gallop", "quantized"),
+    ("random", "quantized"),
+    ("gallop", "constant"),
+    ("product", "constant"),
+]
+
+
+@pytest.mark.parametrize(("scorer", "kind"), _SAMPLED_CASES, ids=[f"{k}-{s}" for s, k in _SAMPLED_CASES])
 def test_triton_sampled_level1_is_exact(monkeypatch, device, scorer, kind):
     """A sampled level 1 only guides the collect pass: the result equals the oracle whether the sample's bin is
     confirmed (the common case) or the exact path reruns."""
@@ -383,18 +391,30 @@ def test_nan_scores_from_eps_zero_are_named_on_both_backends(backend):
     assert [i.tolist() for i in gk.select_topk(g, w, 3, eps=1e-8)] == [[0, 1, 2], []]
 
 
-@pytest.mark.parametrize("start", [0, 45, 8192 - 64], ids=["first-block", "straddling", "last-block"])
+@pytest.mark.parametrize("start", [0, 45, 2048 - 64], ids=["first-block", "straddling", "last-block"])
 def test_triton_sparse_candidates_with_full_words(monkeypatch, device, start):
     """Candidates rare overall (the word-at-a-time loop, not the dense scan) but 64 of them tied in a row: words
-    with all 32 bits set make the candidate loop run its longest, and the ties must still go to the lowest index."""
+    with all 32 bits set make the candidate loop run its longest, and the ties must still go to the lowest index.
+    At this size the host would pick the dense scan (the buffer holds at least 4 blocks' worth), so the spacing
+    is lowered to force the loop, and the test checks that the loop is what ran."""
     monkeypatch.setenv("GALLOP_BACKEND", "triton")
     monkeypatch.setattr(tselect, "BLOCK", 32)
+    monkeypatch.setattr(tselect, "DENSE_SPACING", 1)
+    launched = []
+    init = tselect._Collected.__init__
+
+    def spy(self, *args):
+        init(self, *args)
+        launched.append(self.dense)
+
+    monkeypatch.setattr(tselect._Collected, "__init__", spy)
     gen = torch.Generator().manual_seed(start)
-    w = torch.ones(8192, device=device)
-    g = (torch.rand(8192, generator=gen) * 0.5).to(device)
+    w = torch.ones(2048, device=device)
+    g = (torch.rand(2048, generator=gen) * 0.5).to(device)
     g[start : start + 64] = 2.0
-    for k in (1, 10, 33, 64, 70):
+    for k in (1, 64, 70):  # the lowest-index tie, exactly the tied run, past it
         _check([g], [w], k, "gallop")
+    assert launched and not any(launched), launched
 
 
 def test_fast_division_keys_near_a_bin_edge_are_recomputed(device):
