@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import math
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -300,9 +300,10 @@ def mean_gradients(
             time it is iterated: a one-shot iterator is refused, and a pass whose batches differ from the first
             pass's raises), with only its weights requiring grad and its sums all-reduced under ``group``; then
             an exact running top-k keeps the entries ``config``'s selection can still pick (the top k over the
-            groups so far, or with ``per_tensor`` each weight's own top). The accumulators of one group and the
-            candidates (8 bytes each, about 22 per candidate during a merge) are all that is held, for ``S``
-            times the calibration compute. Needs a scorer that reads gradients.
+            groups so far, or with ``per_tensor`` each weight's own top). The accumulators of one group (at the
+            merge: its fp32 mean gradients) and the candidates (8 bytes each; 12 plus the weight's bytes per
+            candidate while a merge runs) are all that is held, for ``S`` times the calibration compute. Needs a
+            scorer that reads gradients.
 
     Returns:
         ``slices=1``: parameter name -> fp32 mean gradient (same shape and device as the weight). ``slices > 1``:
@@ -351,22 +352,21 @@ def mean_gradients(
                 f"slices would see different data: pass a list of batches, or a DataLoader without shuffling"
             )
         means = [acc.pop(n).mean(count, p.device) for n, p in params.items()]  # each accumulator freed as it goes
-        if config.budget == "per_tensor":  # each weight's own top: final as soon as its slice is done
-            kept = list(params)
-            idx, val = top_candidates(means, list(params.values()), [None] * len(params), config)
-        else:
-            kept = [*cand_idx, *params]
-            offered = sum(int(i.numel()) for i in cand_idx.values()) + sum(p.numel() for p in params.values())
-            idx, val = top_candidates(
-                [*cand_val.values(), *means],
-                [eligible[n] for n in kept],
-                [*cand_idx.values(), *([None] * len(params))],
-                config,
-                min(k, offered),
-            )
+        # the running top-k: the candidates so far (global budget; with per_tensor a weight's top is final once its
+        # slice is done) and this slice's weights, each list entry dropped as soon as its new candidates are cut
+        kept = [*cand_idx, *params] if config.budget == "global" else list(params)
+        old = len(kept) - len(params)
+        offer_values = [*(cand_val.pop(n) for n in kept[:old]), *means]
+        offer_indices = [*(cand_idx.pop(n) for n in kept[:old]), *([None] * len(params))]
         del means
-        cand_idx.update(zip(kept, idx))
-        cand_val.update(zip(kept, val))
+        offered = sum(int(v.numel()) for v in offer_values)
+        chosen = top_candidates(offer_values, [eligible[n] for n in kept], offer_indices, config, min(k, offered))
+        work = deque(zip(offer_values, offer_indices, chosen))
+        del offer_values, offer_indices, chosen
+        for name in kept:  # in the eligible order, so the dicts keep it
+            values, previous, at = work.popleft()
+            cand_val[name] = values.reshape(-1)[at.long()]
+            cand_idx[name] = at if previous is None else previous[at.long()]
     shapes = OrderedDict((n, tuple(p.shape)) for n, p in eligible.items())
     return GradientCandidates(cand_idx, cand_val, shapes, config, plan)
 

@@ -247,7 +247,7 @@ def top_candidates(
     indices: Sequence[torch.Tensor | None],
     config: GallopConfig,
     k: int | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> list[torch.Tensor]:
     """The entries ``config``'s score selects among the entries offered of some eligible weights (in the eligible
     order), through ``gallop_kernels.select_topk``.
 
@@ -259,28 +259,25 @@ def top_candidates(
     result is exactly ``select``'s over the dense mean gradients whenever the offered entries contain it.
 
     Returns:
-        (per tensor: the selected flat indices, sorted, in ``select``'s index dtype; the fp32 mean gradient at them).
+        per tensor, the sorted positions of its selected entries among those it offered: its flat indices, in
+        ``select``'s index dtype, where it offered all of them, else positions into ``indices[t]``
+        (``indices[t][positions.long()]`` are the flat indices). Extra memory: the offered entries' weights
+        (``weights``' dtype) while ``select_topk`` runs, then the positions (4 bytes each).
     """
     offered = [w.detach() if idx is None else torch.take(w.detach(), idx.long()) for w, idx in zip(weights, indices)]
     scorer, eps, seed = config.scorer, config.eps, config.seed
     if config.budget == "global":
         if k is None:
             raise ValueError("top_candidates needs k with the global budget")
-        local = gallop_kernels.select_topk(list(grads), offered, k, scorer=scorer, eps=eps, seed=seed)
-    else:
-        local = []
-        for g, w, whole in zip(grads, offered, weights):
-            k_t = int(config.density * whole.numel())
-            if k_t == 0:
-                local.append(torch.empty(0, dtype=torch.int32, device=w.device))
-            else:
-                local.append(gallop_kernels.select_topk([g], [w], k_t, scorer=scorer, eps=eps, seed=seed)[0])
-    out_indices, out_values = [], []
-    for g, idx, pos in zip(grads, indices, local):
-        at = pos.long()
-        out_values.append(g.reshape(-1)[at].float())
-        out_indices.append(pos if idx is None else idx[at])
-    return out_indices, out_values
+        return gallop_kernels.select_topk(list(grads), offered, k, scorer=scorer, eps=eps, seed=seed)
+    positions = []
+    for g, w, whole in zip(grads, offered, weights):
+        k_t = int(config.density * whole.numel())
+        if k_t == 0:
+            positions.append(torch.empty(0, dtype=torch.int32, device=w.device))
+        else:
+            positions.append(gallop_kernels.select_topk([g], [w], k_t, scorer=scorer, eps=eps, seed=seed)[0])
+    return positions
 
 
 def _check_candidates(
@@ -348,7 +345,10 @@ def select(
     k = selection_size(config, [w.numel() for w in weights])
     if isinstance(grads, GradientCandidates):
         _check_candidates(grads, names, weights, config, k)
-        idx, _ = top_candidates([grads.values[n] for n in names], weights, [grads.indices[n] for n in names], config, k)
+        positions = top_candidates(
+            [grads.values[n] for n in names], weights, [grads.indices[n] for n in names], config, k
+        )
+        idx = [grads.indices[n][at.long()] for n, at in zip(names, positions)]
         return Selection(
             OrderedDict(zip(names, idx)), OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights)), config
         )
