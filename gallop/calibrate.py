@@ -323,7 +323,7 @@ def mean_gradients(
             for n, p in eligible.items()
         )
         count = run(eligible, acc, "calibration gradients", None)
-        return OrderedDict((n, a.mean(count, eligible[n].device)) for n, a in acc.items())
+        return OrderedDict((n, acc.pop(n).mean(count, p.device)) for n, p in eligible.items())  # each sum freed
 
     if not config.uses_gradients:
         raise ValueError(
