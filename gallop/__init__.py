@@ -13,6 +13,7 @@ _EXPORTS = {
     "mean_gradients": "calibrate",
     "select": "selection",
     "Selection": "selection",
+    "GradientCandidates": "selection",
     "eligible_parameters": "selection",
     "SparseModel": "sparse",
     "SparseAdamW": "optim",
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # for type checkers only ("x as x": re-exported)
     from .config import GallopConfig as GallopConfig
     from .models import load_model as load_model
     from .optim import SparseAdamW as SparseAdamW
+    from .selection import GradientCandidates as GradientCandidates
     from .selection import Selection as Selection
     from .selection import eligible_parameters as eligible_parameters
     from .selection import select as select

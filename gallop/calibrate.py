@@ -4,17 +4,22 @@
 post-accumulate-grad hook that folds its dense ``.grad`` into an accumulator and frees it at once, so at most one
 layer's dense gradient exists at a time. The accumulators are fp32 on the weight's device (default), bf16 with
 stochastic rounding (half the memory), or fp32 in host memory (``accumulate="cpu"``: none on the device).
+
+``slices=S`` bounds the accumulators to about 1/S: each of up to S passes over the data accumulates one slice of
+the eligible weights, and an exact running top-k of the score (``selection.top_candidates``) carries what the
+selection can still pick from one slice to the next.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +29,7 @@ import gallop_kernels
 
 from .checkpointing import eval_but_keep_checkpointing, inputs_require_grad
 from .config import GallopConfig
-from .selection import eligible_parameters
+from .selection import GradientCandidates, eligible_parameters, selection_size, top_candidates
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 REDUCTIONS = ("example", "batch")
@@ -43,6 +48,13 @@ class CalibrationArguments:
         },
     )
     accumulate: str = field(default="fp32", metadata={"help": "calibration accumulators", "choices": list(ACCUMULATE)})
+    calib_slices: int = field(
+        default=1,
+        metadata={
+            "help": "passes over the calibration data, each accumulating 1/S of the eligible weights: about 1/S of "
+            "the accumulator memory for S times the calibration compute, and the identical selection"
+        },
+    )
 
 
 def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -124,6 +136,14 @@ class _Accumulator:
         return self.buf.to(device, torch.float32).div_(count) if self.mode != "fp32" else self.buf.div_(count)
 
 
+def _rounding_generator(mode: str, device: torch.device, seed: int, position: int) -> torch.Generator | None:
+    """The stochastic rounding stream of the eligible weight at ``position`` (bf16 accumulators only): one per
+    weight, so its sums do not depend on which other weights accumulate in the same pass."""
+    if mode != "bf16":
+        return None
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + position)
+
+
 def _stochastic_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """fp32 -> bf16 with stochastic rounding: unbiased, so a long sum of small gradients does not stall."""
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
@@ -172,8 +192,8 @@ def only_these_require_grad(
             m.training = mode
 
 
-def _check_args(batches: Any, max_batches: Any, reduction: str, accumulate: str) -> int | None:
-    """Validate mean_gradients' arguments; returns ``max_batches`` as a Python int (or None)."""
+def _check_args(batches: Any, max_batches: Any, reduction: str, accumulate: str, slices: Any) -> tuple[int | None, int]:
+    """Validate mean_gradients' arguments; returns ``max_batches`` (or None) and ``slices`` as Python ints."""
     if isinstance(batches, (Mapping, torch.Tensor)):
         raise TypeError(
             f"batches must be an iterable of batches (a DataLoader, a list of dicts), got one "
@@ -185,7 +205,47 @@ def _check_args(batches: Any, max_batches: Any, reduction: str, accumulate: str)
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {accumulate!r}")
-    return max_batches
+    slices = gallop_kernels.check_int("slices", slices, low=1, what="a positive int (1: one pass)")
+    if slices > 1 and iter(batches) is batches:
+        raise TypeError(
+            f"batches is a one-shot iterator ({type(batches).__name__}), but slices={slices} reads it once per "
+            f"slice: pass a list of batches or a DataLoader (one that yields the same batches every time)"
+        )
+    return max_batches, slices
+
+
+@overload
+def mean_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: GallopConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    group: Any = None,
+    reduction: str = "example",
+    accumulate: str = "fp32",
+    seed: int = 0,
+    slices: Literal[1] = 1,
+) -> OrderedDict[str, torch.Tensor]: ...
+
+
+@overload
+def mean_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: GallopConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    group: Any = None,
+    reduction: str = "example",
+    accumulate: str = "fp32",
+    seed: int = 0,
+    slices: int,
+) -> OrderedDict[str, torch.Tensor] | GradientCandidates: ...
 
 
 def mean_gradients(
@@ -200,7 +260,8 @@ def mean_gradients(
     reduction: str = "example",
     accumulate: str = "fp32",
     seed: int = 0,
-) -> OrderedDict[str, torch.Tensor]:
+    slices: int = 1,
+) -> OrderedDict[str, torch.Tensor] | GradientCandidates:
     """The mean signed gradient of the loss over the calibration data, for every eligible weight.
 
     ``reduction="example"`` (default, the paper): ``g = (1/N) sum_n grad L_n``, the mean over the ``N`` examples of
@@ -230,53 +291,186 @@ def mean_gradients(
         accumulate: ``"fp32"`` (4 bytes per eligible weight on the device), ``"bf16"`` (2 bytes: bf16 sums with
             stochastic rounding from ``seed``, unbiased), or ``"cpu"`` (fp32 in host memory, pinned on CUDA: no
             accumulator on the device; each layer's gradient is copied to the host as backward produces it).
-        seed: seeds the stochastic rounding of ``accumulate="bf16"``.
+        seed: seeds the stochastic rounding of ``accumulate="bf16"`` (one stream per eligible weight, from ``seed``
+            and its position, so the sums are the same whatever ``slices`` is).
+        slices: ``S > 1`` calibrates in slices: the eligible weights are cut, in their order, into at most ``S``
+            contiguous groups whose largest holds as few entries as possible (fewer groups when more would not
+            make it smaller, so ``S`` above the number of eligible weights means at most one weight per pass).
+            Each group takes one full pass over ``batches`` (so ``batches`` must yield the same batches every
+            time it is iterated: a one-shot iterator is refused, and a pass whose batches differ from the first
+            pass's raises), with only its weights requiring grad and its sums all-reduced under ``group``; then
+            an exact running top-k keeps the entries ``config``'s selection can still pick (the top k over the
+            groups so far, or with ``per_tensor`` each weight's own top). The accumulators of one group (at the
+            merge: its fp32 mean gradients) and the candidates (8 bytes each; 12 plus the weight's bytes per
+            candidate while a merge runs) are all that is held, for ``S`` times the calibration compute. Needs a
+            scorer that reads gradients.
 
     Returns:
-        parameter name -> fp32 mean gradient (same shape and device as the weight).
+        ``slices=1``: parameter name -> fp32 mean gradient (same shape and device as the weight). ``slices > 1``:
+        ``GradientCandidates``, from which ``select(model, candidates, config)`` makes exactly the selection it
+        makes from the dense mean gradients (and the same fp32 values at the candidates as ``slices=1``).
     """
-    from .progress import progress_bar
-
     config = config or GallopConfig()
-    max_batches = _check_args(batches, max_batches, reduction, accumulate)
+    max_batches, slices = _check_args(batches, max_batches, reduction, accumulate, slices)
     loss_fn = loss_fn or (per_example_loss if reduction == "example" else default_loss)
     eligible = eligible_parameters(model, config)
     device = next(model.parameters()).device
-    generator = None
-    if accumulate == "bf16":
-        generator = torch.Generator(device=device).manual_seed(seed)
-    acc = OrderedDict((n, _Accumulator(p, accumulate, generator)) for n, p in eligible.items())
+    positions = {n: i for i, n in enumerate(eligible)}
+    run = _Pass(model, batches, loss_fn, reduction, max_batches, progress, group)
+    if slices == 1:
+        acc = OrderedDict(
+            (n, _Accumulator(p, accumulate, _rounding_generator(accumulate, device, seed, positions[n])))
+            for n, p in eligible.items()
+        )
+        count = run(eligible, acc, "calibration gradients", None)
+        return OrderedDict((n, acc.pop(n).mean(count, p.device)) for n, p in eligible.items())  # each sum freed
 
-    count = n_batches = 0
-    with only_these_require_grad(model, eligible, lambda name, grad: acc[name].add(grad)):
-        bar = progress_bar(batches, total=max_batches, desc="calibration gradients", disable=not progress, unit="batch")
-        for batch in bar:
-            if max_batches is not None and n_batches >= max_batches:
-                break
-            loss = loss_fn(model, to_device(batch, device))
-            if reduction == "example":
-                if loss.dim() != 1:
+    if not config.uses_gradients:
+        raise ValueError(
+            f"slices={slices} keeps the top entries of the scorer's gradient scores, but scorer "
+            f"{config.scorer!r} reads no gradients: select(model, None, config) needs no calibration"
+        )
+    k = selection_size(config, [p.numel() for p in eligible.values()])
+    names = list(eligible)
+    plan = [[names[i] for i in part] for part in slice_plan([p.numel() for p in eligible.values()], slices)]
+    cand_idx: OrderedDict[str, torch.Tensor] = OrderedDict()
+    cand_val: OrderedDict[str, torch.Tensor] = OrderedDict()
+    first_digest = None
+    for number, part in enumerate(plan, 1):
+        params = OrderedDict((n, eligible[n]) for n in part)
+        acc = OrderedDict(
+            (n, _Accumulator(p, accumulate, _rounding_generator(accumulate, device, seed, positions[n])))
+            for n, p in params.items()
+        )
+        digest = hashlib.blake2b(digest_size=16)
+        count = run(params, acc, f"calibration gradients, slice {number}/{len(plan)}", digest)
+        if first_digest is None:
+            first_digest = digest.digest()
+        elif digest.digest() != first_digest:
+            raise ValueError(
+                f"batches yielded other batches in pass {number} than in pass 1 (a shuffling DataLoader?), so the "
+                f"slices would see different data: pass a list of batches, or a DataLoader without shuffling"
+            )
+        means = [acc.pop(n).mean(count, p.device) for n, p in params.items()]  # each accumulator freed as it goes
+        # the running top-k: the candidates so far (global budget; with per_tensor a weight's top is final once its
+        # slice is done) and this slice's weights, each list entry dropped as soon as its new candidates are cut
+        kept = [*cand_idx, *params] if config.budget == "global" else list(params)
+        old = len(kept) - len(params)
+        offer_values = [*(cand_val.pop(n) for n in kept[:old]), *means]
+        offer_indices = [*(cand_idx.pop(n) for n in kept[:old]), *([None] * len(params))]
+        del means
+        offered = sum(int(v.numel()) for v in offer_values)
+        chosen = top_candidates(offer_values, [eligible[n] for n in kept], offer_indices, config, min(k, offered))
+        work = deque(zip(offer_values, offer_indices, chosen))
+        del offer_values, offer_indices, chosen
+        for name in kept:  # in the eligible order, so the dicts keep it
+            values, previous, at = work.popleft()
+            cand_val[name] = values.reshape(-1)[at.long()]
+            cand_idx[name] = at if previous is None else previous[at.long()]
+    shapes = OrderedDict((n, tuple(p.shape)) for n, p in eligible.items())
+    return GradientCandidates(cand_idx, cand_val, shapes, config, plan)
+
+
+def slice_plan(numels: Sequence[int], slices: int) -> list[range]:
+    """Cut tensors of ``numels`` elements, in order, into at most ``slices`` contiguous groups (ranges of their
+    positions) whose largest total is as small as possible; among such cuts, the one with the fewest groups (a
+    pass that saves no memory only costs compute)."""
+
+    def cut(capacity: int) -> list[range]:
+        groups, start, size = [], 0, 0
+        for i, n in enumerate(numels):
+            if size + n > capacity and i > start:
+                groups.append(range(start, i))
+                start, size = i, 0
+            size += n
+        groups.append(range(start, len(numels)))
+        return groups
+
+    low, high = max(numels), sum(numels)
+    while low < high:  # the smallest capacity that greedy cutting fits into `slices` groups is the optimum
+        mid = (low + high) // 2
+        if len(cut(mid)) <= slices:
+            high = mid
+        else:
+            low = mid + 1
+    return cut(low)
+
+
+class _Pass:
+    """One pass over the calibration data that accumulates the gradients of some eligible weights."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        loss_fn: LossFn,
+        reduction: str,
+        max_batches: int | None,
+        progress: bool,
+        group: Any,
+    ) -> None:
+        self.model, self.batches, self.loss_fn, self.reduction = model, batches, loss_fn, reduction
+        self.max_batches, self.progress, self.group = max_batches, progress, group
+        self.device = next(model.parameters()).device
+
+    def __call__(
+        self, params: Mapping[str, nn.Parameter], acc: OrderedDict[str, _Accumulator], desc: str, digest: Any
+    ) -> int:
+        """Accumulate ``params``' gradients into ``acc`` over the batches (feeding each batch to ``digest`` when
+        given), all-reduce the sums; returns the count (examples or batches) over all ranks."""
+        from .progress import progress_bar
+
+        model, reduction, max_batches = self.model, self.reduction, self.max_batches
+        count = n_batches = 0
+        with only_these_require_grad(model, params, lambda name, grad: acc[name].add(grad)):
+            bar = progress_bar(self.batches, total=max_batches, desc=desc, disable=not self.progress, unit="batch")
+            for batch in bar:
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                if digest is not None:
+                    _digest(digest, batch)
+                loss = self.loss_fn(model, to_device(batch, self.device))
+                if reduction == "example":
+                    if loss.dim() != 1:
+                        raise ValueError(
+                            f"with reduction='example', loss_fn must return one loss per example (shape "
+                            f"[batch]), got shape {tuple(loss.shape)}"
+                        )
+                    count += loss.numel()
+                    loss = loss.sum()
+                else:
+                    count += 1
+                value = float(loss.detach())
+                if not math.isfinite(value):
                     raise ValueError(
-                        f"with reduction='example', loss_fn must return one loss per example (shape "
-                        f"[batch]), got shape {tuple(loss.shape)}"
+                        f"the loss of calibration batch {n_batches} is {value}: check the batch (labels all "
+                        f"-100?) and the model's dtype"
                     )
-                count += loss.numel()
-                loss = loss.sum()
-            else:
-                count += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"the loss of calibration batch {n_batches} is {value}: check the batch (labels all "
-                    f"-100?) and the model's dtype"
-                )
-            loss.backward()
-            n_batches += 1
-            bar.set_postfix(loss=f"{value:.4f}")
-    count = _all_reduce_sums(acc, count, group)
-    if count == 0:
-        raise ValueError("batches is empty: mean_gradients needs at least one calibration batch")
-    return OrderedDict((n, a.mean(count, eligible[n].device)) for n, a in acc.items())
+                loss.backward()
+                n_batches += 1
+                bar.set_postfix(loss=f"{value:.4f}")
+        count = _all_reduce_sums(acc, count, self.group)
+        if count == 0:
+            raise ValueError("batches is empty: mean_gradients needs at least one calibration batch")
+        return count
+
+
+def _digest(h: Any, batch: Any) -> None:
+    """Feed a (nested) batch's tensors (dtype, shape, bytes) and plain values (str, numbers, None) to ``h``."""
+    if isinstance(batch, torch.Tensor):
+        h.update(f"{batch.dtype}{tuple(batch.shape)}".encode())
+        h.update(batch.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            h.update(repr(key).encode())
+            _digest(h, value)
+    elif isinstance(batch, (list, tuple)):
+        h.update(b"[")
+        for value in batch:
+            _digest(h, value)
+        h.update(b"]")
+    elif batch is None or isinstance(batch, (str, int, float, bool)):
+        h.update(repr(batch).encode())
 
 
 def _all_reduce_sums(acc: OrderedDict[str, _Accumulator], count: int, group: Any) -> int:

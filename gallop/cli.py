@@ -163,6 +163,8 @@ def cmd_select(argv: Sequence[str]) -> int:
     for name in ("calib_examples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive int, got {getattr(args, name)}")
+    if calib.calib_slices < 1:
+        raise ValueError(f"--calib_slices must be a positive int, got {calib.calib_slices}")
     if data.dataset is not None:
         check_dataset_spec(data.dataset, "--dataset")
     elif data.task not in TASKS:
@@ -180,11 +182,12 @@ def cmd_select(argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     grads = mean_gradients(
         model,
-        batches(tok, examples, args.batch_size),
+        list(batches(tok, examples, args.batch_size)),  # a list: --calib_slices reads it once per slice
         config,
         progress=not args.quiet,
         reduction=calib.calib_reduction,
         accumulate=calib.accumulate,
+        slices=calib.calib_slices,
     )
     t_grad = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -200,7 +203,11 @@ def cmd_select(argv: Sequence[str]) -> int:
     _print_groups("selected fraction per layer", chosen.fraction_by("layer"))
     print("\noverlap with other scorers at the same k (|this ∩ other| / k):")
     for other in [s for s in SCORERS if s != config.scorer]:
-        o = select(model, grads, dataclasses.replace(config, scorer=other))
+        other_config = dataclasses.replace(config, scorer=other)
+        if calib.calib_slices > 1 and other_config.uses_gradients:
+            print(f"  {other:<10}    n/a (calibrated in slices: only {config.scorer!r}'s candidates were kept)")
+            continue
+        o = select(model, grads if other_config.uses_gradients else None, other_config)
         print(f"  {other:<10} {100 * chosen.overlap(o):6.2f}%")
     print(f"\ntime: load {t_load:.1f} s, calibration gradients {t_grad:.1f} s, selection {t_select:.2f} s")
     return 0

@@ -1,11 +1,12 @@
-"""Which weights are eligible, and the Selection: parameter name -> sorted flat indices of the trainable entries."""
+"""Which weights are eligible, the Selection (parameter name -> sorted flat indices of the trainable entries), and
+the GradientCandidates a calibration in slices hands to ``select``."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -169,13 +170,167 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: GallopConfig | None = None) -> Selection:
+def selection_size(config: GallopConfig, numels: Sequence[int]) -> int:
+    """k, the number of entries the global budget selects from tensors of ``numels`` elements:
+    ``round(density * eligible)``, or ``num_selected``. Raises unless ``config`` selects at least one entry and no
+    more than the tensors hold (with the ``per_tensor`` budget: at least one entry of the largest tensor)."""
+    total = sum(numels)
+    k = round(config.density * total) if config.num_selected is None else config.num_selected
+    if k > total:
+        raise ValueError(
+            f"num_selected={k:,} is more than the {total:,} eligible entries of this model; ask for at most {total:,}"
+        )
+    if k < 1:
+        raise ValueError(
+            f"density={config.density} selects 0 of the {total:,} eligible entries; use density >= {1 / total:.3g}"
+        )
+    if config.budget == "per_tensor":
+        largest = max(numels)
+        if int(config.density * largest) == 0:
+            raise ValueError(
+                f"density={config.density} with budget='per_tensor' selects floor(density * numel) = 0 entries in "
+                f"every tensor (the largest has {largest:,}); use density >= {1 / largest:.3g} or budget='global'"
+            )
+    return k
+
+
+class GradientCandidates:
+    """The mean gradient at the only entries a selection can still pick: what ``mean_gradients(..., slices=S)``
+    returns, and ``select`` takes in place of the dense mean gradients.
+
+    ``indices[name]``: sorted unique flat indices into the eligible weight ``name`` (int32 below ``2**31`` elements,
+    else int64, as ``select`` gives them); ``values[name]``: the fp32 mean gradient at them. Together they hold the
+    entries ``select`` would pick from the dense mean gradients with ``config``: with the global budget the top
+    ``k`` of ``config.scorer`` over all eligible weights, with ``per_tensor`` each tensor's own top. So
+    ``select(model, candidates, config)`` returns exactly that selection (same indices, same ties), and so does
+    any config with the same scorer, eps, budget and eligible weights that asks for no more entries.
+
+    ``slices``: the eligible weights' names, grouped as the passes over the calibration data accumulated them.
+    """
+
+    def __init__(
+        self,
+        indices: Mapping[str, torch.Tensor],
+        values: Mapping[str, torch.Tensor],
+        shapes: Mapping[str, tuple[int, ...]],
+        config: GallopConfig,
+        slices: Sequence[Sequence[str]],
+    ) -> None:
+        if list(indices) != list(shapes) or list(values) != list(shapes):
+            raise ValueError("indices and values must name every eligible tensor of shapes, in its order")
+        self.indices = OrderedDict(indices)
+        self.values = OrderedDict(values)
+        self.shapes = OrderedDict((n, tuple(s)) for n, s in shapes.items())
+        self.config = config
+        self.slices = [list(names) for names in slices]
+
+    @property
+    def num_candidates(self) -> int:
+        """The number of candidate entries over all tensors (the config's k with the global budget)."""
+        return sum(int(i.numel()) for i in self.indices.values())
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the candidates' indices and values hold."""
+        return sum(i.nbytes for i in self.indices.values()) + sum(v.nbytes for v in self.values.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientCandidates(scorer={self.config.scorer!r}, budget={self.config.budget!r}, "
+            f"{self.num_candidates:,} candidates in {len(self.shapes)} tensors, {len(self.slices)} slices)"
+        )
+
+
+def top_candidates(
+    grads: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor | None],
+    config: GallopConfig,
+    k: int | None = None,
+) -> list[torch.Tensor]:
+    """The entries ``config``'s score selects among the entries offered of some eligible weights (in the eligible
+    order), through ``gallop_kernels.select_topk``.
+
+    Weight ``weights[t]`` offers all its entries (``indices[t]`` is None and ``grads[t]`` is its dense mean
+    gradient) or those at the sorted flat indices ``indices[t]`` (``grads[t]`` the 1-D mean gradient there). The
+    global budget takes the top ``k`` of all offered entries, ``per_tensor`` each tensor's top
+    ``floor(density * numel)`` (``k`` unused). Scores are those of ``select`` (the weights in their own dtype), and a
+    tensor's offered entries keep their order, so ties go to the lower (tensor, flat index) as in ``select``: the
+    result is exactly ``select``'s over the dense mean gradients whenever the offered entries contain it.
+
+    Returns:
+        per tensor, the sorted positions of its selected entries among those it offered: its flat indices, in
+        ``select``'s index dtype, where it offered all of them, else positions into ``indices[t]``
+        (``indices[t][positions.long()]`` are the flat indices). Extra memory: the offered entries' weights
+        (``weights``' dtype) while ``select_topk`` runs, then the positions (4 bytes each).
+    """
+    offered = [w.detach() if idx is None else torch.take(w.detach(), idx.long()) for w, idx in zip(weights, indices)]
+    scorer, eps, seed = config.scorer, config.eps, config.seed
+    if config.budget == "global":
+        if k is None:
+            raise ValueError("top_candidates needs k with the global budget")
+        return gallop_kernels.select_topk(list(grads), offered, k, scorer=scorer, eps=eps, seed=seed)
+    positions = []
+    for g, w, whole in zip(grads, offered, weights):
+        k_t = int(config.density * whole.numel())
+        if k_t == 0:
+            positions.append(torch.empty(0, dtype=torch.int32, device=w.device))
+        else:
+            positions.append(gallop_kernels.select_topk([g], [w], k_t, scorer=scorer, eps=eps, seed=seed)[0])
+    return positions
+
+
+def _check_candidates(
+    candidates: GradientCandidates, names: list[str], weights: list[torch.Tensor], config: GallopConfig, k: int
+) -> None:
+    """Raise unless ``candidates`` hold the selection ``config`` makes over these eligible weights."""
+    again = "calibrate again with this config: mean_gradients(model, batches, config, slices=S)"
+    for attr in ("scorer", "eps", "budget"):
+        made, asked = getattr(candidates.config, attr), getattr(config, attr)
+        if made != asked:
+            raise ValueError(
+                f"grads holds the candidates of a calibration in slices made for {attr}={made!r}, but config has "
+                f"{attr}={asked!r}; {again}"
+            )
+    shapes = OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights))
+    if candidates.shapes != shapes:
+        raise ValueError(
+            "grads holds the candidates of a calibration in slices over other eligible weights (another model, "
+            f"or other target_modules / exclude_modules); {again}"
+        )
+    for n, w in zip(names, weights):
+        if candidates.indices[n].device != w.device:
+            raise ValueError(
+                f"grads.indices[{n!r}] is on {candidates.indices[n].device} but the weight is on {w.device}"
+            )
+    kept = candidates.num_candidates
+    if config.budget == "global" and k > kept:
+        raise ValueError(
+            f"config selects {k:,} entries but the calibration in slices kept only the top {kept:,} (its own "
+            f"config's): ask for at most {kept:,}, or {again}"
+        )
+    if config.budget == "per_tensor":
+        for n, w in zip(names, weights):
+            k_t, kept = int(config.density * w.numel()), int(candidates.indices[n].numel())
+            if k_t > kept:
+                raise ValueError(
+                    f"config selects {k_t:,} entries of {n!r} but the calibration in slices kept only {kept:,} "
+                    f"there: ask for density <= {candidates.config.density}, or {again}"
+                )
+
+
+def select(
+    model: nn.Module,
+    grads: Mapping[str, torch.Tensor] | GradientCandidates | None,
+    config: GallopConfig | None = None,
+) -> Selection:
     """Select the entries to fine-tune: the top ``density`` fraction of scores over the eligible weights.
 
     Args:
         model: the pretrained model (its weights are read, never written).
-        grads: parameter name -> mean gradient (from ``mean_gradients``), shaped like the weight; may be ``None``
-            for the ``magnitude`` and ``random`` scorers.
+        grads: parameter name -> mean gradient (from ``mean_gradients``), shaped like the weight; or the
+            ``GradientCandidates`` of ``mean_gradients(..., slices=S)``, which give the identical selection; may be
+            ``None`` for the ``magnitude`` and ``random`` scorers.
         config: the GallopConfig (default: 1% with the GaLLoP score and a global budget).
 
     Returns:
@@ -187,23 +342,16 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
     eligible = eligible_parameters(model, config)
     names = list(eligible)
     weights = [eligible[n].detach() for n in names]
-    total = sum(w.numel() for w in weights)
-    k = round(config.density * total) if config.num_selected is None else config.num_selected
-    if k > total:
-        raise ValueError(
-            f"num_selected={k:,} is more than the {total:,} eligible entries of this model; ask for at most {total:,}"
+    k = selection_size(config, [w.numel() for w in weights])
+    if isinstance(grads, GradientCandidates):
+        _check_candidates(grads, names, weights, config, k)
+        positions = top_candidates(
+            [grads.values[n] for n in names], weights, [grads.indices[n] for n in names], config, k
         )
-    if k < 1:
-        raise ValueError(
-            f"density={config.density} selects 0 of the {total:,} eligible entries; use density >= {1 / total:.3g}"
+        idx = [grads.indices[n][at.long()] for n, at in zip(names, positions)]
+        return Selection(
+            OrderedDict(zip(names, idx)), OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights)), config
         )
-    if config.budget == "per_tensor":
-        largest = max(w.numel() for w in weights)
-        if int(config.density * largest) == 0:
-            raise ValueError(
-                f"density={config.density} with budget='per_tensor' selects floor(density * numel) = 0 entries in "
-                f"every tensor (the largest has {largest:,}); use density >= {1 / largest:.3g} or budget='global'"
-            )
     g_list = None
     if config.uses_gradients:
         if grads is None:

@@ -116,6 +116,8 @@ def check(
         raise TypeError(f"config must be a gallop.GallopConfig, got {type(config).__name__}")
     if not 0 < args.calib_fraction <= 1:
         raise ValueError(f"--calib_fraction (d_s) must be in (0, 1], got {args.calib_fraction}")
+    if args.calib_slices < 1:
+        raise ValueError(f"--calib_slices must be a positive int, got {args.calib_slices}")
     for name in ("max_length", "train_examples", "eval_examples"):
         v = getattr(data, name)
         if v < 1:
@@ -314,11 +316,13 @@ def finetune(
         calib = [train[i] for i in calibration_subset(len(train), args.calib_fraction, training.seed)]
         grads = mean_gradients(
             model,
-            batches(tokenizer, calib, training.per_device_train_batch_size, max_length=data.max_length),
+            # a list: --calib_slices reads it once per slice
+            list(batches(tokenizer, calib, training.per_device_train_batch_size, max_length=data.max_length)),
             config,
             progress=progress,
             reduction=args.calib_reduction,
             accumulate=args.accumulate,
+            slices=args.calib_slices,
         )
     timings["calibration_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

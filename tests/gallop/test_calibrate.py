@@ -1,10 +1,13 @@
-"""mean_gradients: the mean signed gradient, per example or per batch, in every accumulator mode."""
+"""mean_gradients: the mean signed gradient, per example or per batch, in every accumulator mode, in one pass or
+in slices (the identical selection)."""
+
+import itertools
 
 import pytest
 import torch
 
-from gallop import eligible_parameters, mean_gradients
-from gallop.calibrate import calibration_subset
+from gallop import GallopConfig, GradientCandidates, eligible_parameters, mean_gradients, select
+from gallop.calibrate import calibration_subset, slice_plan
 
 from ..models import random_batches, tiny
 
@@ -136,3 +139,102 @@ def test_calibration_subset():
     assert calibration_subset(3, 0.01) and len(calibration_subset(10, 1.0)) == 10
     with pytest.raises(ValueError, match="fraction"):
         calibration_subset(10, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ slices
+def _model_with_ties():
+    """A tiny Llama whose layer 0 o_proj and down_proj are zero: the gradients of layer 0's q/k/v/gate/up are then
+    exactly zero (6,144 entries of score 0, all tied), and o_proj/down_proj have |w| = 0 (score |g| / eps)."""
+    model = tiny("llama")
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize(
+    "budget, accumulate, reduction",
+    [
+        ("global", "fp32", "example"),
+        ("global", "bf16", "example"),
+        ("global", "cpu", "batch"),
+        ("per_tensor", "fp32", "batch"),
+        ("per_tensor", "bf16", "example"),
+    ],
+)
+def test_slices_give_the_one_pass_selection_bit_for_bit(budget, accumulate, reduction):
+    """S = 2 and 7 select exactly what one pass selects, ties included: at density 0.8 the threshold falls inside
+    the 6,144 entries of score 0, whose tie order (tensor, flat index) must survive the slicing."""
+    model = _model_with_ties()
+    batches = random_batches(3)
+    config = GallopConfig(density=0.8, budget=budget)
+    kw = dict(accumulate=accumulate, reduction=reduction, max_batches=2, progress=False)
+    dense = mean_gradients(model, batches, config, **kw)
+    names = list(dense)
+    zero = sum(int((dense[n] == 0).sum()) for n in names)
+    assert zero >= 6144  # the adversarial ties are there
+    want = select(model, dense, config)
+    for slices in (2, 7):
+        candidates = mean_gradients(model, batches, config, slices=slices, **kw)
+        assert isinstance(candidates, GradientCandidates) and len(candidates.slices) == slices
+        assert [n for part in candidates.slices for n in part] == names  # contiguous, in the eligible order
+        got = select(model, candidates, config)
+        assert list(got) == list(want)
+        for n in want:
+            assert got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]), n
+        for n in names:  # the candidates carry the one-pass mean gradient, bit for bit
+            at = candidates.indices[n].long()
+            assert torch.equal(candidates.values[n], dense[n].reshape(-1)[at])
+    # one slice per weight at most: slices above the number of eligible weights
+    candidates = mean_gradients(model, batches, config, slices=10**6, **kw)
+    assert len(candidates.slices) <= len(names)
+    got = select(model, candidates, config)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_slices_are_the_smallest_largest_contiguous_cut():
+    """slice_plan against every contiguous cut into at most S groups (brute force on small lists)."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        numels = torch.randint(1, 9, (int(torch.randint(1, 8, (1,), generator=gen)),), generator=gen).tolist()
+        for slices in range(1, len(numels) + 2):
+            plan = slice_plan(numels, slices)
+            assert [i for r in plan for i in r] == list(range(len(numels))) and len(plan) <= slices
+            best = min(
+                max(sum(numels[a:b]) for a, b in zip((0, *cuts), (*cuts, len(numels))))
+                for m in range(min(slices, len(numels)))
+                for cuts in itertools.combinations(range(1, len(numels)), m)
+            )
+            assert max(sum(numels[i] for i in r) for r in plan) == best, (numels, slices)
+
+
+class _Reshuffled:
+    """An iterable that yields its batches in another order every time (as a shuffling DataLoader does)."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch = batches, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        return iter(self.batches[self.epoch % len(self.batches) :] + self.batches[: self.epoch % len(self.batches)])
+
+
+def test_slices_errors_restore_model():
+    model = tiny("llama")
+    flags = [p.requires_grad for p in model.parameters()]
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises((ValueError, TypeError), match="slices must be"):
+            mean_gradients(model, random_batches(1), slices=bad, progress=False)
+    with pytest.raises(TypeError, match="one-shot iterator .* slices=2 reads it once per slice"):
+        mean_gradients(model, (b for b in random_batches(2)), slices=2, progress=False)
+    with pytest.raises(ValueError, match="other batches in pass 2 than in pass 1"):
+        mean_gradients(model, _Reshuffled(random_batches(3)), slices=2, progress=False)
+    with pytest.raises(ValueError, match="scorer 'random' reads no gradients"):
+        mean_gradients(model, random_batches(1), GallopConfig(scorer="random"), slices=2, progress=False)
+    with pytest.raises(ValueError, match="density=1e-06 selects 0"):  # the budget is checked before any pass
+        mean_gradients(model, random_batches(1), GallopConfig(density=1e-6), slices=2, progress=False)
+    with pytest.raises(ValueError, match="batches is empty"):
+        mean_gradients(model, [], slices=2, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())

@@ -196,6 +196,7 @@ def test_eval_merge_and_export(tiny_model_dir, tmp_path, capsys):
     [
         (["--density", "1.5"], "density must be in (0, 1]"),
         (["--max_steps", "0"], "--max_steps must be a positive int"),
+        (["--calib_slices", "0"], "--calib_slices must be a positive int"),
         (["--task", "no_such_task"], "--task must be a built-in task"),
         (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
         (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
@@ -457,3 +458,22 @@ def test_select_and_eval_take_any_dataset_gallop_data_reads(tiny_model_dir, tmp_
     assert main(["eval", *model, "--dataset", str(completions), "--generative", "true", "--quiet", "true"]) == 0
     (row,) = capsys.readouterr().out.splitlines()[1:]
     assert row.split()[:2] == ["notes", "n/a"]  # one answer per record: exact match only
+
+
+@pytest.mark.model
+def test_select_in_slices_prints_the_one_pass_selection(tiny_model_dir, capsys):
+    """--calib_slices 3 selects what one pass selects (the same counts per module and layer); the overlaps with
+    the other gradient scorers need the dense mean gradients, so they are marked n/a."""
+    argv = ["select", "--model", str(tiny_model_dir), "--calib_examples", "6", "--batch_size", "2", "--quiet", "true"]
+
+    def summary(out: str) -> str:
+        return out[out.index("selected fraction per module type") : out.index("overlap with other scorers")]
+
+    assert main(argv) == 0
+    one_pass = capsys.readouterr().out
+    assert main([*argv, "--calib_slices", "3"]) == 0
+    sliced = capsys.readouterr().out
+    assert summary(sliced) == summary(one_pass)
+    assert "gradient      n/a (calibrated in slices" in sliced and "magnitude" in sliced
+    assert main([*argv, "--calib_slices", "0"]) == 2
+    assert "--calib_slices must be a positive int" in capsys.readouterr().err

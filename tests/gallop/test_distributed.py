@@ -1,5 +1,6 @@
-"""torch.distributed: calibration averages over ranks (every rank selects the same set), DDP all-reduces only the
-deltas' gradients (2 ranks on half batches = 1 process on the full batch), and mismatched selections raise.
+"""torch.distributed: calibration averages over ranks (every rank selects the same set, in one pass or in
+slices), DDP all-reduces only the deltas' gradients (2 ranks on half batches = 1 process on the full batch), and
+mismatched selections raise.
 
 Two CPU processes with the gloo backend, spawned once per kernel backend; every scenario runs in that one spawn.
 """
@@ -42,6 +43,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         grads = mean_gradients(model, _calibration()[rank::world], cfg, progress=False)  # this rank's shard
         sel = select(model, grads, cfg)
         result["selection"] = {n: i.clone() for n, i in sel.items()}
+        sliced = select(model, mean_gradients(model, _calibration()[rank::world], cfg, progress=False, slices=3), cfg)
+        result["sliced"] = {n: i.clone() for n, i in sliced.items()}  # each slice's sums all-reduced
         sparse = SparseModel(model, sel)
         ddp = torch.nn.parallel.DistributedDataParallel(sparse)
         opt = SparseAdamW(sparse, lr=LR)
@@ -99,6 +102,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     for r in ranks:  # every rank selected exactly what one process selects on the union of the shards
         assert list(r["selection"]) == list(sel)
         assert all(torch.equal(r["selection"][n], sel[n]) for n in sel)
+        assert list(r["sliced"]) == list(sel) and all(torch.equal(r["sliced"][n], sel[n]) for n in sel)
     sparse = SparseModel(model, sel)
     opt = SparseAdamW(sparse, lr=LR)
     for batch in _training():

@@ -1,4 +1,7 @@
-"""Eligibility (which weights) and select (the Selection) on tiny models."""
+"""Eligibility (which weights) and select (the Selection) on tiny models, from dense mean gradients or from the
+candidates of a calibration in slices."""
+
+import re
 
 import pytest
 import torch
@@ -107,3 +110,33 @@ def test_select_errors():
         select(model, grads, GallopConfig(density=1e-9))
     # magnitude and random need no gradients
     assert select(model, None, GallopConfig(scorer="magnitude")).num_selected > 0
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+def test_select_from_candidates_of_a_sliced_calibration():
+    """The candidates serve any config with the same scorer, eps, budget and eligible weights asking for no more
+    entries (exactly the dense selection), and refuse every other config, naming the difference."""
+    model = tiny("llama")
+    config = GallopConfig(density=0.05)
+    batches = random_batches(2)
+    dense = mean_gradients(model, batches, config, progress=False)
+    candidates = mean_gradients(model, batches, config, slices=3, progress=False)
+    assert candidates.num_candidates == select(model, dense, config).num_selected
+    assert candidates.nbytes == 8 * candidates.num_candidates  # int32 index + fp32 value
+    for fewer in (GallopConfig(density=0.01), GallopConfig(num_selected=7)):
+        want, got = select(model, dense, fewer), select(model, candidates, fewer)
+        assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
+    bad = [
+        (GallopConfig(density=0.05, scorer="gradient"), "made for scorer='gallop', but config has scorer='gradient'"),
+        (GallopConfig(density=0.05, eps=1e-6), "made for eps=1e-08"),
+        (GallopConfig(density=0.05, budget="per_tensor"), "made for budget='global'"),
+        (GallopConfig(density=0.1), "kept only the top 922"),
+        (GallopConfig(density=0.05, exclude_modules=["down_proj"]), "over other eligible weights"),
+    ]
+    for cfg, match in bad:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            select(model, candidates, cfg)
+    per_tensor = GallopConfig(density=0.05, budget="per_tensor")
+    candidates = mean_gradients(model, batches, per_tensor, slices=2, progress=False)
+    with pytest.raises(ValueError, match="ask for density <= 0.05"):
+        select(model, candidates, GallopConfig(density=0.1, budget="per_tensor"))
