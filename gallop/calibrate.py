@@ -24,7 +24,8 @@ import gallop_kernels
 
 from .checkpointing import eval_but_keep_checkpointing, inputs_require_grad
 from .config import GallopConfig
-from .selection import eligible_parameters
+from .quantized import calibration_forwards, shape_of
+from .selection import eligible_parameters, quantized_owners
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 REDUCTIONS = ("example", "batch")
@@ -245,10 +246,18 @@ def mean_gradients(
     generator = None
     if accumulate == "bf16":
         generator = torch.Generator(device=device).manual_seed(seed)
-    acc = OrderedDict((n, _Accumulator(p, accumulate, generator)) for n, p in eligible.items())
+    # a quantized layer's gradient is w.r.t. its de-quantized weight, from its backward (nothing requires grad)
+    owners = quantized_owners(model)
+    layers_q = OrderedDict((n, owners[id(p)]) for n, p in eligible.items() if id(p) in owners)
+    dense = OrderedDict((n, p) for n, p in eligible.items() if n not in layers_q)
+    shaped = {
+        n: torch.empty((), device=p.device).expand(shape_of(layers_q[n])) for n, p in eligible.items() if n in layers_q
+    }
+    acc = OrderedDict((n, _Accumulator(shaped.get(n, p), accumulate, generator)) for n, p in eligible.items())
 
     count = n_batches = 0
-    with only_these_require_grad(model, eligible, lambda name, grad: acc[name].add(grad)):
+    on_grad = lambda name, grad: acc[name].add(grad)  # noqa: E731
+    with only_these_require_grad(model, dense, on_grad), calibration_forwards(layers_q, on_grad):
         bar = progress_bar(batches, total=max_batches, desc="calibration gradients", disable=not progress, unit="batch")
         for batch in bar:
             if max_batches is not None and n_batches >= max_batches:

@@ -126,6 +126,7 @@ def load_model(
     device: str | torch.device | None = "cpu",
     device_map: Any = None,
     revision: str | None = None,
+    quantization: str | None = None,
     **kwargs: Any,
 ):
     """Load ``(model, tokenizer)`` for causal language modelling.
@@ -138,10 +139,18 @@ def load_model(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``); note that a SparseModel needs all selected
             weights on one device.
         revision: a branch, tag or commit of a Hub repository.
+        quantization: ``"nf4"`` (4-bit NF4, de-quantized to ``dtype`` in the forward) or ``"int8"`` (LLM.int8),
+            through transformers' ``BitsAndBytesConfig`` (needs bitsandbytes): the quantized base of QGaLLoP. Any
+            other quantization is refused before anything loads.
         **kwargs: anything else ``AutoModelForCausalLM.from_pretrained`` takes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .quantized import bnb_config, check_quantization
+
+    check_quantization(quantization)
+    if quantization is not None and "quantization_config" in kwargs:
+        raise ValueError("pass quantization= or quantization_config=, not both")
     torch_dtype = check_dtype(dtype)
     dev = check_device(device) if device is not None and device_map is None else None
     source, extra = resolve_model(name_or_path)
@@ -152,6 +161,17 @@ def load_model(
         )
     _check_local_folder(source, extra)
     extra.update(kwargs)
+    if quantization is not None:
+        if "gguf_file" in extra:
+            raise ValueError(
+                f"quantization={quantization!r} with a .gguf file: transformers de-quantizes GGUF weights on load and "
+                f"cannot re-quantize them; convert the model to safetensors first"
+            )
+        compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+        extra["quantization_config"] = bnb_config(quantization, compute)
+        if device_map is None and dev is not None:
+            device_map = str(dev)  # bitsandbytes layers are placed on load: a later .to() is refused
+            dev = None
     if revision is not None:
         extra["revision"] = revision
     logger.info("loading %s (dtype=%s)", name_or_path, dtype)
@@ -164,6 +184,9 @@ def load_model(
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {e}") from None
     if "gguf_file" in extra:
         _forget_gguf_quantization(model, name_or_path)
+    from .quantized import quantization_of
+
+    quantization_of(model)  # a checkpoint quantized another way (GPTQ, AWQ, fp8, ...) is refused here
     if dev is not None:
         model = model.to(dev)  # type: ignore[arg-type]
     return model, tokenizer
@@ -201,6 +224,13 @@ class ModelArguments:
     dtype: str = field(default="fp32", metadata={"help": "weights dtype", "choices": list(DTYPES)})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
     revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit"})
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "load the base quantized (bitsandbytes): nf4 (4-bit) or int8; QGaLLoP trains fp32 deltas over it",
+            "choices": ["nf4", "int8"],
+        },
+    )
 
     def resolved_device(self) -> str:
         import torch

@@ -12,12 +12,12 @@ from torch import nn
 
 import gallop_kernels
 
-from . import layers
+from . import layers, quantized
 from .config import GallopConfig, ModulePattern
 
 
 def _is_default_target(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or layers.is_conv1d(module)
+    return isinstance(module, nn.Linear) or layers.is_conv1d(module) or quantized.is_quantized_linear(module)
 
 
 def _matches(name: str, pattern: ModulePattern) -> bool:
@@ -36,13 +36,14 @@ def eligible_parameters(model: nn.Module, config: GallopConfig | None = None) ->
     of every module whose name matches (suffix list or regex), whatever its type. ``exclude_modules`` removes.
     """
     config = config or GallopConfig()
+    quantized.quantization_of(model)  # refuses an unsupported quantization before any work
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     head_weight = getattr(head, "weight", None) if head is not None else None
     wanted: set[int] = set()
     for mname, module in model.named_modules():
         w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+        if not isinstance(w, torch.Tensor) or not (w.dtype.is_floating_point or quantized.is_quantized_linear(module)):
             continue
         if config.target_modules is None:
             if not _is_default_target(module) or module is head or w is head_weight:
@@ -63,6 +64,25 @@ def eligible_parameters(model: nn.Module, config: GallopConfig | None = None) ->
             "check the module names with model.named_modules()"
         )
     return out
+
+
+def quantized_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """id(weight) -> the bitsandbytes layer holding it, for every quantized linear layer of ``model``."""
+    return {id(m.weight): m for m in model.modules() if quantized.is_quantized_linear(m)}
+
+
+def weight_shape(model: nn.Module, param: torch.Tensor, owners: Mapping[int, nn.Module] | None = None) -> tuple:
+    """The shape a weight stands for: its own, or ``[out, in]`` for a quantized layer's packed weight."""
+    owners = quantized_owners(model) if owners is None else owners
+    module = owners.get(id(param))
+    return quantized.shape_of(module) if module is not None else tuple(param.shape)
+
+
+def dense_weight(model: nn.Module, param: torch.Tensor, owners: Mapping[int, nn.Module] | None = None) -> torch.Tensor:
+    """The weight as a dense tensor: itself (detached), or a quantized layer's de-quantized weight (a temporary)."""
+    owners = quantized_owners(model) if owners is None else owners
+    module = owners.get(id(param))
+    return quantized.dequantized(module) if module is not None else param.detach()
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -186,7 +206,8 @@ def select(model: nn.Module, grads: Mapping[str, torch.Tensor] | None, config: G
     config = config or GallopConfig()
     eligible = eligible_parameters(model, config)
     names = list(eligible)
-    weights = [eligible[n].detach() for n in names]
+    owners = quantized_owners(model)
+    weights = [dense_weight(model, eligible[n], owners) for n in names]  # quantized: de-quantized temporaries
     total = sum(w.numel() for w in weights)
     k = round(config.density * total) if config.num_selected is None else config.num_selected
     if k > total:
@@ -254,6 +275,9 @@ def check_fits(model: nn.Module, selection: Selection) -> tuple[list[str], dict[
     if selection.num_selected == 0:
         raise ValueError("selection is empty: nothing to train; select with a larger density")
     params = dict(model.named_parameters())
+    owners = quantized_owners(model)
+    if owners:
+        quantized.quantization_of(model)
     names = list(selection)
     indices = []
     for name in names:
@@ -262,19 +286,20 @@ def check_fits(model: nn.Module, selection: Selection) -> tuple[list[str], dict[
                 f"selection names {name!r}, which is not a parameter of this model: was it made for another model?"
             )
         p = params[name]
-        if tuple(p.shape) != tuple(selection.shapes[name]):
+        shape = weight_shape(model, p, owners)
+        if shape != tuple(selection.shapes[name]):
             raise ValueError(
                 f"selection expects {name!r} of shape {tuple(selection.shapes[name])} but the model's is "
-                f"{tuple(p.shape)}: was it made for another model?"
+                f"{shape}: was it made for another model?"
             )
-        if not p.dtype.is_floating_point:
+        if id(p) not in owners and not p.dtype.is_floating_point:
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only floating weights can be trained")
         if not p.is_contiguous():
             raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it first")
         idx = selection[name]
         if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"selection[{name!r}] must be a 1-D int32/int64 tensor")
-        numel = p.numel()
+        numel = _numel(shape)
         cpu = idx.to("cpu", torch.int64)
         if int(cpu.min()) < 0 or int(cpu.max()) >= numel or bool((cpu[1:] <= cpu[:-1]).any()):
             raise ValueError(f"selection[{name!r}] must hold sorted unique indices in [0, {numel})")
