@@ -161,17 +161,15 @@ def load_model(
         )
     _check_local_folder(source, extra)
     extra.update(kwargs)
+    quantize = None
     if quantization is not None:
-        if "gguf_file" in extra:
-            raise ValueError(
-                f"quantization={quantization!r} with a .gguf file: transformers de-quantizes GGUF weights on load and "
-                f"cannot re-quantize them; convert the model to safetensors first"
-            )
         compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
-        extra["quantization_config"] = bnb_config(quantization, compute)
+        quantize = bnb_config(quantization, compute)
         if device_map is None and dev is not None:
             device_map = str(dev)  # bitsandbytes layers are placed on load: a later .to() is refused
             dev = None
+        if "gguf_file" not in extra:
+            extra["quantization_config"] = quantize
     if revision is not None:
         extra["revision"] = revision
     logger.info("loading %s (dtype=%s)", name_or_path, dtype)
@@ -184,12 +182,30 @@ def load_model(
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {e}") from None
     if "gguf_file" in extra:
         _forget_gguf_quantization(model, name_or_path)
+        if quantize is not None:
+            model = quantized_copy(model, quantize, device_map)
     from .quantized import quantization_of
 
     quantization_of(model)  # a checkpoint quantized another way (GPTQ, AWQ, fp8, ...) is refused here
     if dev is not None:
         model = model.to(dev)  # type: ignore[arg-type]
     return model, tokenizer
+
+
+def quantized_copy(model: Any, quantization_config: Any, device_map: Any) -> Any:
+    """``model`` (dense) reloaded through ``quantization_config``: transformers quantizes with bitsandbytes only while
+    loading, so a GGUF (de-quantized on load) goes through a temporary safetensors folder."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        del model
+        return AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization_config, dtype=dtype, device_map=device_map
+        )
 
 
 def _forget_gguf_quantization(model: Any, name_or_path: str) -> None:

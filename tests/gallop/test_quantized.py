@@ -226,3 +226,77 @@ def test_adapter_onto_the_dense_original_and_refusals(base_folder, tmp_path):
         SparseModel.from_pretrained(load(base_folder, "nf4"), tmp_path / "dense")
     with pytest.raises(NotImplementedError, match="quantized base"):
         sparse.unmerge()
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+WORLD = 2
+DEADLINE_S = 300
+
+
+def _ddp_worker(rank: int, world: int, store: str, folder: str, out: str) -> None:
+    import gc
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = load(folder, "nf4")
+        before = storage(model)
+        cfg = GallopConfig(density=0.05)
+        calib = random_batches(4, batch=2, seed=1)[rank::world]
+        sel = select(model, mean_gradients(model, calib, cfg, progress=False), cfg)
+        sparse = SparseModel(model, sel)
+        ddp = torch.nn.parallel.DistributedDataParallel(sparse)
+        opt = SparseAdamW(sparse, lr=1e-2)
+        for batch in random_batches(3, batch=4, seed=2):
+            ddp(**{k: v.chunk(world)[rank] for k, v in batch.items()}).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        after = storage(model)
+        result = {
+            "selection": {n: i.clone() for n, i in sel.items()},
+            "deltas": [p.detach().clone() for p in sparse.parameters()],
+            "untouched": all(torch.equal(before[k], after[k]) for k in before),
+        }
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        del ddp, opt, sparse
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_gloo_ranks_equals_one_process(base_folder, tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    from .helpers import adam_tol
+
+    args = (WORLD, str(tmp_path / "store"), str(base_folder), str(tmp_path))
+    ctx = mp.spawn(_ddp_worker, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within {DEADLINE_S} s (a hang in torch.distributed)")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    model = load(base_folder, "nf4")
+    cfg = GallopConfig(density=0.05)
+    sel = select(model, mean_gradients(model, random_batches(4, batch=2, seed=1), cfg, progress=False), cfg)
+    sparse = SparseModel(model, sel)
+    opt = SparseAdamW(sparse, lr=1e-2)
+    for batch in random_batches(3, batch=4, seed=2):
+        sparse(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for r in ranks:
+        assert list(r["selection"]) == list(sel) and all(torch.equal(r["selection"][n], sel[n]) for n in sel)
+        assert r["untouched"]
+        for a, b in zip(r["deltas"], sparse.parameters()):
+            torch.testing.assert_close(a, b.detach(), **adam_tol(1e-2, 3))
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["deltas"], ranks[1]["deltas"]))
