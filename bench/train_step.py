@@ -11,7 +11,9 @@ step time after warm-up, tokens per second, and the peak memory (the process's R
 the CPU, ``max_memory_allocated`` on CUDA). ``--repeats N`` runs every method N times, interleaved so that a slow
 spell of a shared machine hits every method alike, and reports the medians. Writes ``train_step.json`` and
 ``train_step.png`` to ``--out``; ratios against LoRA and full fine-tuning are the figures that carry over between
-machines.
+machines. ``--methods qlora,qgallop-1%`` runs the quantized pair over the same model quantized to nf4
+(bitsandbytes, compute dtype the model's): QLoRA (peft LoRA r16 on every linear layer) against QGaLLoP 1%, same
+batch; their ratios are reported against ``qlora``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("full", "lora", "gallop-1%", "gallop-0.1%", "gallop-1%-torch-adamw")
+QUANTIZED_METHODS = ("qlora", "qgallop-1%")  # over an nf4 base (bitsandbytes): --methods qlora,qgallop-1%
 SHAPES = {  # LLaMA-architecture shapes (random weights) and their batch; "tiny" is the smoke test's
     "tiny": dict(
         hidden_size=64,
@@ -63,13 +66,13 @@ SHAPES = {  # LLaMA-architecture shapes (random weights) and their batch; "tiny"
 }
 
 
-def _build(shape: str, device: str, dtype):
+def _build(shape: str, device: str, dtype, quantization: str | None = None):
     import torch
 
     if shape == "smollm2":
         from gallop.models import load_model
 
-        model, _ = load_model("smollm2", dtype="fp32", device=device)
+        model, _ = load_model("smollm2", dtype="fp32", device=device, quantization=quantization)
         return model, 8, 128
     import transformers as tf
 
@@ -78,6 +81,11 @@ def _build(shape: str, device: str, dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg, max_position_embeddings=seq, tie_word_embeddings=False))
+    if quantization is not None:
+        from gallop.models import quantized_copy
+        from gallop.quantized import bnb_config
+
+        return quantized_copy(model.to(dtype), bnb_config(quantization, dtype), device), batch, seq
     return model.to(dtype), batch, seq
 
 
@@ -128,20 +136,20 @@ def child(args) -> dict:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.shape != "smollm2" else torch.float32
-    model, batch, seq = _build(args.shape, args.device, dtype)
+    method = args.method
+    model, batch, seq = _build(args.shape, args.device, dtype, "nf4" if method in QUANTIZED_METHODS else None)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    method = args.method
     if method == "full":
         params = [p for p in model.parameters()]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
         run = model
         trainable = sum(p.numel() for p in params)
-    elif method == "lora":
+    elif method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         run = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
@@ -269,7 +277,7 @@ def parent(args, out: Path | None = None) -> dict:
     for r in results["methods"]:
         if "error" in r:
             continue
-        for ref in ("lora", "full"):
+        for ref in ("lora", "full", "qlora"):
             if ref in by:
                 r[f"speed_vs_{ref}"] = r["tokens_per_s"] / by[ref]["tokens_per_s"]
                 r[f"memory_vs_{ref}"] = r["peak_mib"] / by[ref]["peak_mib"]
@@ -280,7 +288,7 @@ def parent(args, out: Path | None = None) -> dict:
             continue
         ratios = " ".join(
             f"{r[f'speed_vs_{ref}']:5.2f}x {ref} speed, {r[f'memory_vs_{ref}']:5.2f}x {ref} memory;"
-            for ref in ("lora", "full")
+            for ref in ("lora", "full", "qlora")
             if f"speed_vs_{ref}" in r
         )
         print(f"{r['method']:<24} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:7.0f} tokens/s {ratios}")
@@ -298,7 +306,7 @@ def plot(results: dict, path: Path) -> None:
     rows = [r for r in results["methods"] if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     names = [r["method"] for r in rows]
-    colors = ["tab:red" if n.startswith("gallop") else "tab:blue" for n in names]
+    colors = ["tab:red" if "gallop" in n else "tab:blue" for n in names]
     axes[0].bar(names, [r["tokens_per_s"] for r in rows], color=colors)
     axes[0].set_ylabel("tokens / s (higher is better)")
     axes[1].bar(names, [r["peak_mib"] for r in rows], color=colors)

@@ -29,7 +29,16 @@ import gallop_kernels
 
 from .checkpointing import eval_but_keep_checkpointing, inputs_require_grad
 from .config import GallopConfig
-from .selection import GradientCandidates, eligible_parameters, selection_size, top_candidates
+from .quantized import calibration_forwards
+from .selection import (
+    GradientCandidates,
+    eligible_parameters,
+    offer,
+    quantized_owners,
+    selection_size,
+    top_candidates,
+    weight_shape,
+)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 REDUCTIONS = ("example", "batch")
@@ -111,18 +120,21 @@ def calibration_subset(n: int, fraction: float, seed: int = 0) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ accumulators
 class _Accumulator:
-    """Sums the dense gradients of one weight, in the chosen precision and place."""
+    """Sums the dense gradients of one weight (of ``shape``, on ``device``: a quantized layer's stand for its
+    de-quantized ``[out, in]`` weight), in the chosen precision and place."""
 
-    def __init__(self, p: torch.Tensor, mode: str, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], device: torch.device, mode: str, generator: torch.Generator | None
+    ) -> None:
         self.mode = mode
         self.generator = generator
         if mode == "fp32":
-            self.buf = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            self.buf = torch.zeros(shape, dtype=torch.float32, device=device)
         elif mode == "bf16":
-            self.buf = torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)
+            self.buf = torch.zeros(shape, dtype=torch.bfloat16, device=device)
         else:
-            pin = p.device.type == "cuda"
-            self.buf = torch.zeros(p.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
+            pin = device.type == "cuda"
+            self.buf = torch.zeros(shape, dtype=torch.float32, device="cpu", pin_memory=pin)
 
     def add(self, grad: torch.Tensor) -> None:
         if self.mode == "fp32":
@@ -316,12 +328,19 @@ def mean_gradients(
     eligible = eligible_parameters(model, config)
     device = next(model.parameters()).device
     positions = {n: i for i, n in enumerate(eligible)}
-    run = _Pass(model, batches, loss_fn, reduction, max_batches, progress, group)
+    # a quantized layer's gradient is w.r.t. its de-quantized weight, from its backward (nothing requires grad)
+    owners = quantized_owners(model)
+    shapes = OrderedDict((n, weight_shape(model, p, owners)) for n, p in eligible.items())
+
+    def rounding(name: str) -> torch.Generator | None:
+        return _rounding_generator(accumulate, device, seed, positions[name])
+
+    def accumulators(names: Iterable[str]) -> OrderedDict[str, _Accumulator]:
+        return OrderedDict((n, _Accumulator(shapes[n], eligible[n].device, accumulate, rounding(n))) for n in names)
+
+    run = _Pass(model, batches, loss_fn, reduction, max_batches, progress, group, owners)
     if slices == 1:
-        acc = OrderedDict(
-            (n, _Accumulator(p, accumulate, _rounding_generator(accumulate, device, seed, positions[n])))
-            for n, p in eligible.items()
-        )
+        acc = accumulators(eligible)
         count = run(eligible, acc, "calibration gradients", None)
         return OrderedDict((n, acc.pop(n).mean(count, p.device)) for n, p in eligible.items())  # each sum freed
 
@@ -330,18 +349,16 @@ def mean_gradients(
             f"slices={slices} keeps the top entries of the scorer's gradient scores, but scorer "
             f"{config.scorer!r} reads no gradients: select(model, None, config) needs no calibration"
         )
-    k = selection_size(config, [p.numel() for p in eligible.values()])
+    numels = {n: math.prod(shape) for n, shape in shapes.items()}
+    k = selection_size(config, list(numels.values()))
     names = list(eligible)
-    plan = [[names[i] for i in part] for part in slice_plan([p.numel() for p in eligible.values()], slices)]
+    plan = [[names[i] for i in part] for part in slice_plan(list(numels.values()), slices)]
     cand_idx: OrderedDict[str, torch.Tensor] = OrderedDict()
     cand_val: OrderedDict[str, torch.Tensor] = OrderedDict()
     first_digest = None
     for number, part in enumerate(plan, 1):
         params = OrderedDict((n, eligible[n]) for n in part)
-        acc = OrderedDict(
-            (n, _Accumulator(p, accumulate, _rounding_generator(accumulate, device, seed, positions[n])))
-            for n, p in params.items()
-        )
+        acc = accumulators(part)
         digest = hashlib.blake2b(digest_size=16)
         count = run(params, acc, f"calibration gradients, slice {number}/{len(plan)}", digest)
         if first_digest is None:
@@ -360,14 +377,15 @@ def mean_gradients(
         offer_indices = [*(cand_idx.pop(n) for n in kept[:old]), *([None] * len(params))]
         del means
         offered = sum(int(v.numel()) for v in offer_values)
-        chosen = top_candidates(offer_values, [eligible[n] for n in kept], offer_indices, config, min(k, offered))
+        weights = [offer(model, eligible[n], idx, owners) for n, idx in zip(kept, offer_indices)]
+        chosen = top_candidates(offer_values, weights, [numels[n] for n in kept], config, min(k, offered))
+        del weights
         work = deque(zip(offer_values, offer_indices, chosen))
         del offer_values, offer_indices, chosen
         for name in kept:  # in the eligible order, so the dicts keep it
             values, previous, at = work.popleft()
             cand_val[name] = values.reshape(-1)[at.long()]
             cand_idx[name] = at if previous is None else previous[at.long()]
-    shapes = OrderedDict((n, tuple(p.shape)) for n, p in eligible.items())
     return GradientCandidates(cand_idx, cand_val, shapes, config, plan)
 
 
@@ -408,9 +426,10 @@ class _Pass:
         max_batches: int | None,
         progress: bool,
         group: Any,
+        owners: Mapping[int, nn.Module],
     ) -> None:
         self.model, self.batches, self.loss_fn, self.reduction = model, batches, loss_fn, reduction
-        self.max_batches, self.progress, self.group = max_batches, progress, group
+        self.max_batches, self.progress, self.group, self.owners = max_batches, progress, group, owners
         self.device = next(model.parameters()).device
 
     def __call__(
@@ -422,7 +441,10 @@ class _Pass:
 
         model, reduction, max_batches = self.model, self.reduction, self.max_batches
         count = n_batches = 0
-        with only_these_require_grad(model, params, lambda name, grad: acc[name].add(grad)):
+        quantized = OrderedDict((n, self.owners[id(p)]) for n, p in params.items() if id(p) in self.owners)
+        dense = OrderedDict((n, p) for n, p in params.items() if n not in quantized)
+        on_grad = lambda name, grad: acc[name].add(grad)  # noqa: E731
+        with only_these_require_grad(model, dense, on_grad), calibration_forwards(quantized, on_grad):
             bar = progress_bar(self.batches, total=max_batches, desc=desc, disable=not self.progress, unit="batch")
             for batch in bar:
                 if max_batches is not None and n_batches >= max_batches:

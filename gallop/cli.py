@@ -171,7 +171,11 @@ def cmd_select(argv: Sequence[str]) -> int:
         raise ValueError(f"--task must be a built-in task ({', '.join(TASKS)}), or pass --dataset; got {data.task!r}")
     t0 = time.perf_counter()
     model, tok = load_model(
-        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+        model_args.model,
+        dtype=model_args.dtype,
+        device=model_args.resolved_device(),
+        revision=model_args.revision,
+        quantization=model_args.quantization,
     )
     t_load = time.perf_counter() - t0
     if data.dataset is None:
@@ -284,7 +288,11 @@ def cmd_eval(argv: Sequence[str]) -> int:
     if args.adapter:
         _check_adapter(args.adapter)
     model, tok = load_model(
-        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+        model_args.model,
+        dtype=model_args.dtype,
+        device=model_args.resolved_device(),
+        revision=model_args.revision,
+        quantization=model_args.quantization,
     )
     sets = {t: task_examples(t, "test", args.examples) for t in names}
     if data.dataset is not None:
@@ -325,7 +333,11 @@ def cmd_merge(argv: Sequence[str]) -> int:
     check_writable_folder(args.out, "--out")
     _check_adapter(args.adapter)
     model, tok = load_model(
-        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+        model_args.model,
+        dtype=model_args.dtype,
+        device=model_args.resolved_device(),
+        revision=model_args.revision,
+        quantization=model_args.quantization,
     )
     merged: Any = SparseModel.from_pretrained(model, args.adapter).merge_and_unload()
     merged.save_pretrained(args.out)
@@ -347,7 +359,11 @@ def cmd_export(argv: Sequence[str]) -> int:
     check_writable_folder(args.out, "--out")
     _check_adapter(args.adapter)
     model, _tok = load_model(
-        model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+        model_args.model,
+        dtype=model_args.dtype,
+        device=model_args.resolved_device(),
+        revision=model_args.revision,
+        quantization=model_args.quantization,
     )
     report = export_peft(args.adapter, model, args.out)
     print(

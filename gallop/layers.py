@@ -29,6 +29,8 @@ from torch import nn
 
 import gallop_kernels
 
+from . import quantized
+
 DELTA = "gallop_delta"  # the trainable fp32 delta (nn.Parameter) on each selected module
 INDICES = "gallop_indices"  # its sorted flat indices (non-persistent buffer)
 BASE = "gallop_base"  # the exact pretrained values at those indices, fp32 (non-persistent buffer)
@@ -40,7 +42,10 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def kind_of(module: nn.Module) -> str:
-    """``linear`` (stock ``nn.Linear`` forward), ``conv1d`` (transformers' Conv1D) or ``generic``."""
+    """``quantized`` (a bitsandbytes 4-bit or 8-bit layer), ``linear`` (stock ``nn.Linear`` forward), ``conv1d``
+    (transformers' Conv1D) or ``generic``."""
+    if quantized.is_quantized_linear(module):
+        return "quantized"
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
     if is_conv1d(module):
@@ -143,6 +148,10 @@ def _conv1d_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return y.view(size_out)
 
 
+def _quantized_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    return quantized.quantized_sparse_linear(x, self, getattr(self, DELTA), getattr(self, INDICES), getattr(self, BASE))
+
+
 def _generic_forward(self: Any, *args, **kwargs):
     weight = self._parameters["weight"]
     if weight.requires_grad:
@@ -157,7 +166,12 @@ def _generic_forward(self: Any, *args, **kwargs):
         self._parameters["weight"] = weight
 
 
-_FORWARDS = {"linear": _linear_forward, "conv1d": _conv1d_forward, "generic": _generic_forward}
+_FORWARDS = {
+    "linear": _linear_forward,
+    "conv1d": _conv1d_forward,
+    "generic": _generic_forward,
+    "quantized": _quantized_forward,
+}
 
 
 class _SparseForward:
@@ -283,6 +297,21 @@ class SelectedWeight:
         self.modules = modules
         self.delta = delta
         self.synced_version = -1  # the delta's version counter when it was last written into the weight
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weight is a bitsandbytes layer's: its delta is applied in the forward, never written."""
+        return quantized.is_quantized_linear(self.modules[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape (``[out, in]`` for a quantized layer)."""
+        return quantized.shape_of(self.modules[0]) if self.quantized else tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the trained values take (a quantized layer's de-quantized dtype)."""
+        return quantized.dense_dtype(self.modules[0]) if self.quantized else self.weight.dtype
 
     @property
     def indices(self) -> torch.Tensor:

@@ -126,6 +126,7 @@ def load_model(
     device: str | torch.device | None = "cpu",
     device_map: Any = None,
     revision: str | None = None,
+    quantization: str | None = None,
     **kwargs: Any,
 ):
     """Load ``(model, tokenizer)`` for causal language modelling.
@@ -138,10 +139,18 @@ def load_model(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"``); note that a SparseModel needs all selected
             weights on one device.
         revision: a branch, tag or commit of a Hub repository.
+        quantization: ``"nf4"`` (4-bit NF4, de-quantized to ``dtype`` in the forward) or ``"int8"`` (LLM.int8),
+            through transformers' ``BitsAndBytesConfig`` (needs bitsandbytes): the quantized base of QGaLLoP. Any
+            other quantization is refused before anything loads.
         **kwargs: anything else ``AutoModelForCausalLM.from_pretrained`` takes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .quantized import bnb_config, check_quantization
+
+    check_quantization(quantization)
+    if quantization is not None and "quantization_config" in kwargs:
+        raise ValueError("pass quantization= or quantization_config=, not both")
     torch_dtype = check_dtype(dtype)
     dev = check_device(device) if device is not None and device_map is None else None
     source, extra = resolve_model(name_or_path)
@@ -152,6 +161,15 @@ def load_model(
         )
     _check_local_folder(source, extra)
     extra.update(kwargs)
+    quantize = None
+    if quantization is not None:
+        compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+        quantize = bnb_config(quantization, compute)
+        if device_map is None and dev is not None:
+            device_map = str(dev)  # bitsandbytes layers are placed on load: a later .to() is refused
+            dev = None
+        if "gguf_file" not in extra:
+            extra["quantization_config"] = quantize
     if revision is not None:
         extra["revision"] = revision
     logger.info("loading %s (dtype=%s)", name_or_path, dtype)
@@ -164,9 +182,30 @@ def load_model(
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {e}") from None
     if "gguf_file" in extra:
         _forget_gguf_quantization(model, name_or_path)
+        if quantize is not None:
+            model = quantized_copy(model, quantize, device_map)
+    from .quantized import quantization_of
+
+    quantization_of(model)  # a checkpoint quantized another way (GPTQ, AWQ, fp8, ...) is refused here
     if dev is not None:
         model = model.to(dev)  # type: ignore[arg-type]
     return model, tokenizer
+
+
+def quantized_copy(model: Any, quantization_config: Any, device_map: Any) -> Any:
+    """``model`` (dense) reloaded through ``quantization_config``: transformers quantizes with bitsandbytes only while
+    loading, so a GGUF (de-quantized on load) goes through a temporary safetensors folder."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        del model
+        return AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quantization_config, dtype=dtype, device_map=device_map
+        )
 
 
 def _forget_gguf_quantization(model: Any, name_or_path: str) -> None:
@@ -201,6 +240,13 @@ class ModelArguments:
     dtype: str = field(default="fp32", metadata={"help": "weights dtype", "choices": list(DTYPES)})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
     revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit"})
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "load the base quantized (bitsandbytes): nf4 (4-bit) or int8; QGaLLoP trains fp32 deltas over it",
+            "choices": ["nf4", "int8"],
+        },
+    )
 
     def resolved_device(self) -> str:
         import torch

@@ -13,12 +13,12 @@ from torch import nn
 
 import gallop_kernels
 
-from . import layers
+from . import layers, quantized
 from .config import GallopConfig, ModulePattern
 
 
 def _is_default_target(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or layers.is_conv1d(module)
+    return isinstance(module, nn.Linear) or layers.is_conv1d(module) or quantized.is_quantized_linear(module)
 
 
 def _matches(name: str, pattern: ModulePattern) -> bool:
@@ -37,13 +37,14 @@ def eligible_parameters(model: nn.Module, config: GallopConfig | None = None) ->
     of every module whose name matches (suffix list or regex), whatever its type. ``exclude_modules`` removes.
     """
     config = config or GallopConfig()
+    quantized.quantization_of(model)  # refuses an unsupported quantization before any work
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     head_weight = getattr(head, "weight", None) if head is not None else None
     wanted: set[int] = set()
     for mname, module in model.named_modules():
         w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+        if not isinstance(w, torch.Tensor) or not (w.dtype.is_floating_point or quantized.is_quantized_linear(module)):
             continue
         if config.target_modules is None:
             if not _is_default_target(module) or module is head or w is head_weight:
@@ -64,6 +65,25 @@ def eligible_parameters(model: nn.Module, config: GallopConfig | None = None) ->
             "check the module names with model.named_modules()"
         )
     return out
+
+
+def quantized_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """id(weight) -> the bitsandbytes layer holding it, for every quantized linear layer of ``model``."""
+    return {id(m.weight): m for m in model.modules() if quantized.is_quantized_linear(m)}
+
+
+def weight_shape(model: nn.Module, param: torch.Tensor, owners: Mapping[int, nn.Module] | None = None) -> tuple:
+    """The shape a weight stands for: its own, or ``[out, in]`` for a quantized layer's packed weight."""
+    owners = quantized_owners(model) if owners is None else owners
+    module = owners.get(id(param))
+    return quantized.shape_of(module) if module is not None else tuple(param.shape)
+
+
+def dense_weight(model: nn.Module, param: torch.Tensor, owners: Mapping[int, nn.Module] | None = None) -> torch.Tensor:
+    """The weight as a dense tensor: itself (detached), or a quantized layer's de-quantized weight (a temporary)."""
+    owners = quantized_owners(model) if owners is None else owners
+    module = owners.get(id(param))
+    return quantized.dequantized(module) if module is not None else param.detach()
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -243,36 +263,35 @@ class GradientCandidates:
 
 def top_candidates(
     grads: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor],
-    indices: Sequence[torch.Tensor | None],
+    offered: Sequence[torch.Tensor],
+    numels: Sequence[int],
     config: GallopConfig,
     k: int | None = None,
 ) -> list[torch.Tensor]:
     """The entries ``config``'s score selects among the entries offered of some eligible weights (in the eligible
     order), through ``gallop_kernels.select_topk``.
 
-    Weight ``weights[t]`` offers all its entries (``indices[t]`` is None and ``grads[t]`` is its dense mean
-    gradient) or those at the sorted flat indices ``indices[t]`` (``grads[t]`` the 1-D mean gradient there). The
-    global budget takes the top ``k`` of all offered entries, ``per_tensor`` each tensor's top
-    ``floor(density * numel)`` (``k`` unused). Scores are those of ``select`` (the weights in their own dtype), and a
-    tensor's offered entries keep their order, so ties go to the lower (tensor, flat index) as in ``select``: the
-    result is exactly ``select``'s over the dense mean gradients whenever the offered entries contain it.
+    ``offered[t]`` is eligible weight ``t`` (dense: de-quantized for a quantized layer, see ``dense_weight``) at the
+    entries it offers: the whole weight (``grads[t]`` its dense mean gradient), or a 1-D tensor of its values at some
+    sorted flat indices (``grads[t]`` the 1-D mean gradient there; ``offer`` builds it). ``numels[t]`` is the
+    weight's element count. The global budget takes the top ``k`` of all offered entries, ``per_tensor`` each
+    tensor's top ``floor(density * numels[t])`` (``k`` unused). Scores are those of ``select`` (the weights in their
+    own dtype), and a tensor's offered entries keep their order, so ties go to the lower (tensor, flat index) as in
+    ``select``: the result is exactly ``select``'s over the dense mean gradients whenever the offered entries
+    contain it.
 
     Returns:
-        per tensor, the sorted positions of its selected entries among those it offered: its flat indices, in
-        ``select``'s index dtype, where it offered all of them, else positions into ``indices[t]``
-        (``indices[t][positions.long()]`` are the flat indices). Extra memory: the offered entries' weights
-        (``weights``' dtype) while ``select_topk`` runs, then the positions (4 bytes each).
+        per tensor, the sorted positions of its selected entries among those it offered (its flat indices, in
+        ``select``'s index dtype, where it offered all of them). Extra memory: the positions (4 bytes each).
     """
-    offered = [w.detach() if idx is None else torch.take(w.detach(), idx.long()) for w, idx in zip(weights, indices)]
     scorer, eps, seed = config.scorer, config.eps, config.seed
     if config.budget == "global":
         if k is None:
             raise ValueError("top_candidates needs k with the global budget")
-        return gallop_kernels.select_topk(list(grads), offered, k, scorer=scorer, eps=eps, seed=seed)
+        return gallop_kernels.select_topk(list(grads), list(offered), k, scorer=scorer, eps=eps, seed=seed)
     positions = []
-    for g, w, whole in zip(grads, offered, weights):
-        k_t = int(config.density * whole.numel())
+    for g, w, numel in zip(grads, offered, numels):
+        k_t = int(config.density * numel)
         if k_t == 0:
             positions.append(torch.empty(0, dtype=torch.int32, device=w.device))
         else:
@@ -280,8 +299,20 @@ def top_candidates(
     return positions
 
 
+def offer(model: nn.Module, param: torch.Tensor, indices: torch.Tensor | None, owners: Mapping[int, nn.Module]):
+    """``param``'s dense weight (``dense_weight``) whole, or its values at the flat ``indices`` (the de-quantized
+    temporary of a quantized layer is freed as soon as they are taken)."""
+    dense = dense_weight(model, param, owners)
+    return dense if indices is None else torch.take(dense, indices.long())
+
+
 def _check_candidates(
-    candidates: GradientCandidates, names: list[str], weights: list[torch.Tensor], config: GallopConfig, k: int
+    candidates: GradientCandidates,
+    names: list[str],
+    shapes: list[tuple[int, ...]],
+    devices: list[torch.device],
+    config: GallopConfig,
+    k: int,
 ) -> None:
     """Raise unless ``candidates`` hold the selection ``config`` makes over these eligible weights."""
     again = "calibrate again with this config: mean_gradients(model, batches, config, slices=S)"
@@ -292,17 +323,14 @@ def _check_candidates(
                 f"grads holds the candidates of a calibration in slices made for {attr}={made!r}, but config has "
                 f"{attr}={asked!r}; {again}"
             )
-    shapes = OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights))
-    if candidates.shapes != shapes:
+    if candidates.shapes != OrderedDict(zip(names, shapes)):
         raise ValueError(
             "grads holds the candidates of a calibration in slices over other eligible weights (another model, "
             f"or other target_modules / exclude_modules); {again}"
         )
-    for n, w in zip(names, weights):
-        if candidates.indices[n].device != w.device:
-            raise ValueError(
-                f"grads.indices[{n!r}] is on {candidates.indices[n].device} but the weight is on {w.device}"
-            )
+    for n, device in zip(names, devices):
+        if candidates.indices[n].device != device:
+            raise ValueError(f"grads.indices[{n!r}] is on {candidates.indices[n].device} but the weight is on {device}")
     kept = candidates.num_candidates
     if config.budget == "global" and k > kept:
         raise ValueError(
@@ -310,8 +338,8 @@ def _check_candidates(
             f"config's): ask for at most {kept:,}, or {again}"
         )
     if config.budget == "per_tensor":
-        for n, w in zip(names, weights):
-            k_t, kept = int(config.density * w.numel()), int(candidates.indices[n].numel())
+        for n, shape in zip(names, shapes):
+            k_t, kept = int(config.density * _numel(shape)), int(candidates.indices[n].numel())
             if k_t > kept:
                 raise ValueError(
                     f"config selects {k_t:,} entries of {n!r} but the calibration in slices kept only {kept:,} "
@@ -341,17 +369,17 @@ def select(
     config = config or GallopConfig()
     eligible = eligible_parameters(model, config)
     names = list(eligible)
-    weights = [eligible[n].detach() for n in names]
-    k = selection_size(config, [w.numel() for w in weights])
+    owners = quantized_owners(model)
+    shapes = [weight_shape(model, eligible[n], owners) for n in names]
+    numels = [_numel(shape) for shape in shapes]
+    k = selection_size(config, numels)
     if isinstance(grads, GradientCandidates):
-        _check_candidates(grads, names, weights, config, k)
-        positions = top_candidates(
-            [grads.values[n] for n in names], weights, [grads.indices[n] for n in names], config, k
-        )
+        _check_candidates(grads, names, shapes, [eligible[n].device for n in names], config, k)
+        offered = [offer(model, eligible[n], grads.indices[n], owners) for n in names]  # one temporary at a time
+        positions = top_candidates([grads.values[n] for n in names], offered, numels, config, k)
         idx = [grads.indices[n][at.long()] for n, at in zip(names, positions)]
-        return Selection(
-            OrderedDict(zip(names, idx)), OrderedDict((n, tuple(w.shape)) for n, w in zip(names, weights)), config
-        )
+        return Selection(OrderedDict(zip(names, idx)), OrderedDict(zip(names, shapes)), config)
+    weights = [dense_weight(model, eligible[n], owners) for n in names]  # quantized: de-quantized temporaries
     g_list = None
     if config.uses_gradients:
         if grads is None:
@@ -402,6 +430,9 @@ def check_fits(model: nn.Module, selection: Selection) -> tuple[list[str], dict[
     if selection.num_selected == 0:
         raise ValueError("selection is empty: nothing to train; select with a larger density")
     params = dict(model.named_parameters())
+    owners = quantized_owners(model)
+    if owners:
+        quantized.quantization_of(model)
     names = list(selection)
     indices = []
     for name in names:
@@ -410,19 +441,20 @@ def check_fits(model: nn.Module, selection: Selection) -> tuple[list[str], dict[
                 f"selection names {name!r}, which is not a parameter of this model: was it made for another model?"
             )
         p = params[name]
-        if tuple(p.shape) != tuple(selection.shapes[name]):
+        shape = weight_shape(model, p, owners)
+        if shape != tuple(selection.shapes[name]):
             raise ValueError(
                 f"selection expects {name!r} of shape {tuple(selection.shapes[name])} but the model's is "
-                f"{tuple(p.shape)}: was it made for another model?"
+                f"{shape}: was it made for another model?"
             )
-        if not p.dtype.is_floating_point:
+        if id(p) not in owners and not p.dtype.is_floating_point:
             raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only floating weights can be trained")
         if not p.is_contiguous():
             raise ValueError(f"parameter {name!r} is not contiguous; call .contiguous() on it first")
         idx = selection[name]
         if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"selection[{name!r}] must be a 1-D int32/int64 tensor")
-        numel = p.numel()
+        numel = _numel(shape)
         cpu = idx.to("cpu", torch.int64)
         if int(cpu.min()) < 0 or int(cpu.max()) >= numel or bool((cpu[1:] <= cpu[:-1]).any()):
             raise ValueError(f"selection[{name!r}] must hold sorted unique indices in [0, {numel})")

@@ -37,12 +37,19 @@ from torch import nn
 
 import gallop_kernels
 
-from . import layers
+from . import layers, quantized
 from .adapters import io
 from .adapters.format import AdapterTensor
 from .adapters.io import deltas_for_values
 from .checkpointing import inputs_require_grad
-from .selection import Selection, check_fits, check_same_selection_on_all_ranks, selection_fingerprint
+from .selection import (
+    Selection,
+    check_fits,
+    check_same_selection_on_all_ranks,
+    dense_weight,
+    quantized_owners,
+    selection_fingerprint,
+)
 
 __all__ = ["SparseModel", "deltas_for_values", "selection_fingerprint"]
 logger = logging.getLogger(__name__)
@@ -140,6 +147,9 @@ class SparseModel(nn.Module):
             names, params, [i.to(device).contiguous() for i in indices], owners, device
         )
         self._guarded = layers.guard_containers(model)
+        if any(t.quantized for t in self._targets):
+            # transformers' Trainer refuses a quantized model unless trainable adapters are attached, which they are
+            self._hf_peft_config_loaded = True
         self._install_hooks()
         self.__class__ = _wrapper_class(type(model))  # type: ignore[arg-type]
 
@@ -151,10 +161,12 @@ class SparseModel(nn.Module):
         flat_delta = torch.zeros(k, dtype=torch.float32, device=device)
         targets = []
         offset = 0
+        q_owners = quantized_owners(self._model)
         for name, idx in zip(names, indices):
             n = int(idx.numel())
             base = flat_base[offset : offset + n]
-            gallop_kernels.gather(params[name].detach(), idx, out=base, check_indices=False)
+            dense = dense_weight(self._model, params[name], q_owners)  # a quantized layer's: a temporary
+            gallop_kernels.gather(dense, idx, out=base, check_indices=False)
             delta = nn.Parameter(flat_delta[offset : offset + n])
             self.deltas.get_submodule(name.rpartition(".")[0]).register_parameter(name.rpartition(".")[2], delta)
             for m in owners[name]:
@@ -343,6 +355,9 @@ class SparseModel(nn.Module):
         """The write-back's kernel calls, the only ones: ``W[idx] = cast(base + delta)`` for each target (``merged``)
         or ``W[idx] = cast(base)``."""
         for t in targets:
+            if t.quantized:  # its forward applies the delta; the quantized storage is never written
+                t.synced_version = t.delta._version
+                continue
             if not merged:
                 gallop_kernels.scatter_(
                     t.weight.detach(), t.indices, t.base, check_indices=False, nonfinite="assume_finite"
@@ -374,6 +389,11 @@ class SparseModel(nn.Module):
         """Restore the exact pretrained weights (bit-identical); the deltas are kept and ``merge()`` re-applies
         them. Training while unmerged raises; evaluation (``no_grad`` or eval mode) is fine."""
         self._check_live()
+        if any(t.quantized for t in self._targets):
+            raise NotImplementedError(
+                "unmerge() is not available on a quantized base: its weights are never merged (each selected layer "
+                "applies the delta in its forward); evaluate the base itself with a plain load of the model"
+            )
         self._scatter(self._targets, merged=False)
         self._merged = False
         return self._model
@@ -436,11 +456,15 @@ class SparseModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the deltas, remove the delta state, the sparse forwards and the hooks, restore the
-        ``requires_grad`` flags; returns the plain fine-tuned model. The wrapper cannot be used afterwards."""
+        ``requires_grad`` flags; returns the plain fine-tuned model. The wrapper cannot be used afterwards.
+
+        On a quantized base, every bitsandbytes layer becomes an ``nn.Linear`` holding its de-quantized weight (in
+        its de-quantized dtype: the compute dtype for nf4, fp32 for int8) with the deltas merged."""
         self._check_live()
         self.sync()
         if not self._merged:
             self.merge()
+        merge_later = [(t.name, t.indices, t.delta.detach(), t.base) for t in self._targets if t.quantized]
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -451,6 +475,12 @@ class SparseModel(nn.Module):
             layers.unguard(m)
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
+        if merge_later:  # a quantized base: de-quantize, then merge the deltas into the dense weights
+            quantized.dequantize_model(self._model)
+            with torch.no_grad():
+                for name, idx, delta, base in merge_later:
+                    w = self._model.get_parameter(name)
+                    gallop_kernels.scatter_(w.detach(), idx, delta, base=base, check_indices=False)
         self._unloaded = True
         _LIVE.discard(self)
         return self._model
@@ -469,8 +499,8 @@ class SparseModel(nn.Module):
                 t.delta.detach().cpu().clone(),
                 t.indices.to("cpu", torch.int64),
             )
-            values = (base + delta).to(t.weight.dtype)
-            out.append(AdapterTensor(t.name, tuple(t.weight.shape), t.weight.dtype, indices, values, delta, base))
+            values = (base + delta).to(t.dtype)
+            out.append(AdapterTensor(t.name, t.shape, t.dtype, indices, values, delta, base))
         return out
 
     @torch.no_grad()
@@ -522,6 +552,7 @@ class SparseModel(nn.Module):
         """
         self._check_live()
         save_deltas = io.save_deltas_for(precision, save_deltas)
+        save_deltas = save_deltas or any(t.quantized for t in self._targets)  # a quantized base's adapter holds them
         stored_metrics = None if metrics is None else io.checked_metrics(metrics)  # refused before anything is written
         self.sync()
         states = self.export_state()

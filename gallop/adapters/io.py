@@ -23,8 +23,9 @@ from torch import nn
 
 import gallop_kernels
 
+from .. import quantized
 from ..config import GallopConfig
-from ..selection import Selection
+from ..selection import Selection, dense_weight, quantized_owners, weight_shape
 from .format import Adapter, AdapterTensor, PathLike, base_fingerprint, model_card, read_adapter, write_adapter
 
 
@@ -50,22 +51,45 @@ def resolve(path_or_id: Any, revision: str | None = None) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- checks
+def onto_original(adapter: Adapter, model: nn.Module) -> bool:
+    """Whether ``adapter`` was trained on a quantized base and ``model`` is dense (its original, in any float
+    dtype): the deltas are then added at the indices, as QLoRA adapters are used (the outputs differ from the
+    quantized base's by its quantization error). Raises ValueError, naming both, for any other mismatch of
+    quantization (a dense adapter onto a quantized base, or two different quantizations)."""
+    trained_on = adapter.config.get("quantization")
+    model_q = quantized.quantization_of(model)
+    if trained_on == model_q:
+        return False
+    if trained_on is not None and model_q is None:
+        return True
+    raise ValueError(
+        f"the adapter in {str(adapter.directory)!r} was trained on a {trained_on or 'dense (not quantized)'} base but "
+        f"this model is {model_q or 'dense (not quantized)'}: load it onto a base quantized the same way"
+        + ("" if trained_on is None else " (or onto the dense original)")
+    )
+
+
 def check_fits(adapter: Adapter, model: nn.Module) -> dict[str, nn.Parameter]:
-    """Raise ValueError unless every tensor of ``adapter`` names a weight of ``model`` with its shape and dtype and
-    indices inside it; returns the model's parameters by name."""
+    """Raise ValueError unless every tensor of ``adapter`` names a weight of ``model`` with its shape and dtype (any
+    float dtype for a quantized adapter onto the dense original) and indices inside it, and the model is quantized as
+    the adapter's base was (``onto_original``); returns the model's parameters by name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    any_dtype = onto_original(adapter, model)
     params = dict(model.named_parameters())
+    owners = quantized_owners(model)
     for t in adapter.tensors:
         if t.name not in params:
             raise ValueError(f"the adapter trains {t.name!r}, which this model does not have: wrong base model")
         p = params[t.name]
-        if tuple(p.shape) != t.shape or p.dtype != t.dtype:
+        shape = weight_shape(model, p, owners)
+        dtype = quantized.dense_dtype(owners[id(p)]) if id(p) in owners else p.dtype
+        if shape != t.shape or (dtype != t.dtype and not any_dtype):
             raise ValueError(
                 f"the adapter expects {t.name!r} as {t.dtype}{list(t.shape)} but the model has "
-                f"{p.dtype}{list(p.shape)}: wrong base model or dtype (load the model with dtype={t.dtype})"
+                f"{dtype}{list(shape)}: wrong base model or dtype (load the model with dtype={t.dtype})"
             )
-        if t.indices.numel() and int(t.indices[-1]) >= p.numel():
+        if t.indices.numel() and int(t.indices[-1]) >= math.prod(shape):
             raise ValueError(f"the adapter's indices for {t.name!r} run past the weight: the adapter is damaged")
     return params
 
@@ -140,15 +164,24 @@ def load(model: nn.Module, directory: Any, revision: str | None = None) -> tuple
     the pristine base. Everything is checked, and ``model`` is not touched."""
     adapter = read_adapter(resolve(directory, revision))
     params = check_fits(adapter, model)
+    owners = quantized_owners(model)
     indices: OrderedDict[str, torch.Tensor] = OrderedDict()
     bases = []
     for t in adapter.tensors:
         p = params[t.name]
-        idx = t.indices.to(p.device, gallop_kernels.index_dtype(p.numel()))
+        idx = t.indices.to(p.device, gallop_kernels.index_dtype(math.prod(t.shape)))
         indices[t.name] = idx
-        bases.append(gallop_kernels.gather(p.detach(), idx, check_indices=False))
-    check_base(adapter, bases)
-    deltas = {t.name: deltas_of(t, base) for t, base in zip(adapter.tensors, bases)}
+        bases.append(gallop_kernels.gather(dense_weight(model, p, owners), idx, check_indices=False))
+    if onto_original(adapter, model):  # the quantized base's deltas, added to the original's values
+        missing = [t.name for t in adapter.tensors if t.deltas is None]
+        if missing:
+            raise ValueError(f"the adapter stores no fp32 deltas for {missing[0]!r}: it is damaged")
+        deltas = {
+            t.name: t.deltas.reshape(-1).to(base.device, torch.float32) for t, base in zip(adapter.tensors, bases)
+        }
+    else:
+        check_base(adapter, bases)
+        deltas = {t.name: deltas_of(t, base) for t, base in zip(adapter.tensors, bases)}
     shapes = adapter.config.get("eligible_shapes") or {t.name: list(t.shape) for t in adapter.tensors}
     selection = Selection(
         indices,
@@ -191,6 +224,7 @@ def adapter_config(model: nn.Module, selection: Selection, tensors: Sequence[Ada
         "revision": getattr(mc, "_commit_hash", None),
         "gallop_version": gallop_kernels.__version__,
         "gallop_config": selection.config.to_dict(),
+        "quantization": quantized.quantization_of(model),
         "num_selected": num_selected,
         "num_eligible": selection.num_eligible,
         "num_parameters": sum(p.numel() for p in model.parameters()) - num_selected,

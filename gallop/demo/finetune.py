@@ -100,10 +100,12 @@ def check(
     from gallop.adapters import check_writable_folder
     from gallop.data import check_dataset_spec
     from gallop.models import BUILTIN_MODELS, check_device, check_dtype
+    from gallop.quantized import check_quantization
     from gallop.tasks import TASKS, available_examples
 
     check_dtype(model_args.dtype)
     check_device(model_args.resolved_device())
+    check_quantization(model_args.quantization)
     if model_args.model not in BUILTIN_MODELS and (
         model_args.model.startswith((".", "/", "~")) or model_args.model.endswith(".gguf")
     ):
@@ -300,7 +302,11 @@ def finetune(
     t0 = time.perf_counter()
     if model is None:
         model, tokenizer = load_model(
-            model_args.model, dtype=model_args.dtype, device=model_args.resolved_device(), revision=model_args.revision
+            model_args.model,
+            dtype=model_args.dtype,
+            device=model_args.resolved_device(),
+            revision=model_args.revision,
+            quantization=model_args.quantization,
         )
     timings["load_s"] = time.perf_counter() - t0
     train, test, ood = load_data(data, tokenizer)
