@@ -338,7 +338,8 @@ def mean_gradients(
     def accumulators(names: Iterable[str]) -> OrderedDict[str, _Accumulator]:
         return OrderedDict((n, _Accumulator(shapes[n], eligible[n].device, accumulate, rounding(n))) for n in names)
 
-    run = _Pass(model, batches, loss_fn, reduction, max_batches, progress, group, owners)
+    quantized = OrderedDict((n, owners[id(p)]) for n, p in eligible.items() if id(p) in owners)
+    run = _Pass(model, batches, loss_fn, reduction, max_batches, progress, group, quantized)
     if slices == 1:
         acc = accumulators(eligible)
         count = run(eligible, acc, "calibration gradients", None)
@@ -426,10 +427,11 @@ class _Pass:
         max_batches: int | None,
         progress: bool,
         group: Any,
-        owners: Mapping[int, nn.Module],
+        quantized: Mapping[str, nn.Module],
     ) -> None:
         self.model, self.batches, self.loss_fn, self.reduction = model, batches, loss_fn, reduction
-        self.max_batches, self.progress, self.group, self.owners = max_batches, progress, group, owners
+        self.max_batches, self.progress, self.group = max_batches, progress, group
+        self.quantized = quantized  # every eligible quantized layer: each pass runs them all the same way
         self.device = next(model.parameters()).device
 
     def __call__(
@@ -441,10 +443,9 @@ class _Pass:
 
         model, reduction, max_batches = self.model, self.reduction, self.max_batches
         count = n_batches = 0
-        quantized = OrderedDict((n, self.owners[id(p)]) for n, p in params.items() if id(p) in self.owners)
-        dense = OrderedDict((n, p) for n, p in params.items() if n not in quantized)
+        dense = OrderedDict((n, p) for n, p in params.items() if n not in self.quantized)
         on_grad = lambda name, grad: acc[name].add(grad)  # noqa: E731
-        with only_these_require_grad(model, dense, on_grad), calibration_forwards(quantized, on_grad):
+        with only_these_require_grad(model, dense, on_grad), calibration_forwards(self.quantized, on_grad, params):
             bar = progress_bar(self.batches, total=max_batches, desc=desc, disable=not self.progress, unit="batch")
             for batch in bar:
                 if max_batches is not None and n_batches >= max_batches:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -146,7 +146,8 @@ def dense_dtype(module: nn.Module) -> torch.dtype:
 # ------------------------------------------------------------------------------------------------ calibration
 class GradAtDequantized(torch.autograd.Function):
     """``y = x deq(Wq)^T + b`` whose backward returns ``dx`` and calls ``on_grad(dW)`` with ``dW = dy^T x`` in fp32,
-    the gradient with respect to the de-quantized weight. ``anchor`` (a scalar that requires grad) makes autograd
+    the gradient with respect to the de-quantized weight (``on_grad=None``: the same forward and ``dx``, no ``dW``:
+    a layer outside the current calibration slice). ``anchor`` (a scalar that requires grad) makes autograd
     run the backward even when nothing before the layer requires grad."""
 
     @staticmethod
@@ -161,7 +162,8 @@ class GradAtDequantized(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        ctx.on_grad(dy2.t().float() @ x.reshape(-1, x.shape[-1]).float())
+        if ctx.on_grad is not None:
+            ctx.on_grad(dy2.t().float() @ x.reshape(-1, x.shape[-1]).float())
         dx = None
         if ctx.needs_input_grad[0]:
             dx = (dy2 @ dequantized(ctx.module).to(dy.dtype)).view(*dy.shape[:-1], -1)
@@ -265,9 +267,15 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 
 
 @contextlib.contextmanager
-def calibration_forwards(modules: Mapping[str, nn.Module], on_grad: Callable[[str, torch.Tensor], None]) -> Iterator:
+def calibration_forwards(
+    modules: Mapping[str, nn.Module],
+    on_grad: Callable[[str, torch.Tensor], None],
+    wanted: Collection[str] | None = None,
+) -> Iterator:
     """Inside: each quantized layer ``modules[name]`` computes its forward through ``GradAtDequantized``, handing
-    ``dW`` to ``on_grad(name, dW)``; on exit (also on error) every layer has its own forward back."""
+    ``dW`` to ``on_grad(name, dW)`` if ``name`` is in ``wanted`` (default: all). The layers not wanted keep the
+    same forward (so a calibration in slices computes the one-pass loss and backward in every pass) but compute no
+    ``dW``. On exit (also on error) every layer has its own forward back."""
     replaced = []
     try:
         for name, module in modules.items():
@@ -276,7 +284,8 @@ def calibration_forwards(modules: Mapping[str, nn.Module], on_grad: Callable[[st
                     f"the layer owning {name!r} has its forward replaced on the instance (accelerate hooks, another "
                     f"adapter or a SparseModel); calibrate the plain quantized model"
                 )
-            module.forward = CalibrationForward(module, functools.partial(on_grad, name))
+            report = functools.partial(on_grad, name) if wanted is None or name in wanted else None
+            module.forward = CalibrationForward(module, report)
             replaced.append(module)
         yield
     finally:

@@ -98,6 +98,28 @@ def test_mean_gradient_is_taken_wrt_the_dequantized_weights(base_folder, kind):
     assert list(sel) == list(sel_twin) and all(torch.equal(sel[n], sel_twin[n]) for n in sel)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_calibration_in_slices_on_a_quantized_base_selects_exactly_the_one_pass_set(base_folder, kind):
+    """The running top-k between slices scores |deq(w)| as the one-pass select does (and de-quantizes one layer
+    at a time), so S = 2 and 7 pick bit-identical selections; the candidates' mean gradients are the one pass's."""
+    model = load(base_folder, kind)
+    before = storage(model)
+    cfg = GallopConfig(density=0.05)
+    batches = random_batches(2)
+    dense = mean_gradients(model, batches, cfg, progress=False)
+    want = select(model, dense, cfg)
+    for slices in (2, 7):
+        candidates = mean_gradients(model, batches, cfg, progress=False, slices=slices)
+        assert dict(candidates.shapes) == {n: tuple(g.shape) for n, g in dense.items()}
+        got = select(model, candidates, cfg)
+        assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want), slices
+        for n in want:
+            at = candidates.indices[n].long()
+            assert torch.equal(candidates.values[n], dense[n].reshape(-1)[at]), n
+    after = storage(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_moves_only_the_deltas_and_matches_the_dense_twin(base_folder, kind):
