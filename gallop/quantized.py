@@ -115,12 +115,12 @@ def quantization_of(model: nn.Module) -> str | None:
     return next(iter(kinds)) if kinds else None
 
 
-def shape_of(module: nn.Module) -> tuple[int, int]:
+def shape_of(module: Any) -> tuple[int, int]:
     """The ``[out, in]`` shape a quantized layer's weight stands for."""
     return (int(module.out_features), int(module.in_features))
 
 
-def dequantized(module: nn.Module) -> torch.Tensor:
+def dequantized(module: Any) -> torch.Tensor:
     """A new dense ``[out, in]`` tensor holding the layer's de-quantized weight, by bitsandbytes' own
     de-quantization: the 4-bit state's dtype for nf4 / fp4, fp32 for int8 (its row scales are fp32)."""
     import bitsandbytes.functional as bnbf
@@ -137,7 +137,7 @@ def dequantized(module: nn.Module) -> torch.Tensor:
     return bnbf.int8_vectorwise_dequant(weight.data, scales).reshape(shape_of(module))
 
 
-def dense_dtype(module: nn.Module) -> torch.dtype:
+def dense_dtype(module: Any) -> torch.dtype:
     """The dtype ``dequantized(module)`` returns (without de-quantizing)."""
     state = getattr(module.weight, "quant_state", None)
     return state.dtype if state is not None else torch.float32
@@ -238,9 +238,10 @@ def quantized_sparse_linear(
 
 # ------------------------------------------------------------------------------------------------ merging
 @torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def dequantize_model(model: Any, dtype: torch.dtype | None = None) -> Any:
     """Replace every bitsandbytes layer of ``model`` by an ``nn.Linear`` holding its de-quantized weight (in
     ``dtype``, default the layer's de-quantized dtype) and drop the model's quantization marks; returns ``model``."""
+    module: Any
     for name, module in list(model.named_modules()):
         if not is_quantized_linear(module):
             continue
@@ -260,7 +261,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         model.hf_quantizer = None
     if "is_quantized" in vars(model):
         model.is_quantized = False
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     return model

@@ -173,12 +173,11 @@ def load(model: nn.Module, directory: Any, revision: str | None = None) -> tuple
         indices[t.name] = idx
         bases.append(gallop_kernels.gather(dense_weight(model, p, owners), idx, check_indices=False))
     if onto_original(adapter, model):  # the quantized base's deltas, added to the original's values
-        missing = [t.name for t in adapter.tensors if t.deltas is None]
-        if missing:
-            raise ValueError(f"the adapter stores no fp32 deltas for {missing[0]!r}: it is damaged")
-        deltas = {
-            t.name: t.deltas.reshape(-1).to(base.device, torch.float32) for t, base in zip(adapter.tensors, bases)
-        }
+        deltas = {}
+        for t, base in zip(adapter.tensors, bases):
+            if t.deltas is None:
+                raise ValueError(f"the adapter stores no fp32 deltas for {t.name!r}: it is damaged")
+            deltas[t.name] = t.deltas.reshape(-1).to(base.device, torch.float32)
     else:
         check_base(adapter, bases)
         deltas = {t.name: deltas_of(t, base) for t, base in zip(adapter.tensors, bases)}
