@@ -151,6 +151,22 @@ def weight_variants(wdtype="bfloat16", idx="int32"):
         yield name, scatter._scatter_kernel, types, dict(HAS_BASE=has_base, BLOCK=scatter.BLOCK)
 
 
+def grouped_scatter_variants(wdtype="bfloat16", idx="int32"):
+    """The grouped write-back's kernel for one weight and index dtype: without bases, and with fp32 bases (the
+    SparseModel's) or bases in the weight's dtype."""
+    common = {"table_ptr": "*i64", "block_row_ptr": "*i32", "dst_like": "*" + _TY[wdtype], "idx_like": "*" + _TY[idx]}
+    yield (
+        "scatter_grouped",
+        scatter._scatter_grouped_kernel,
+        {**common, "base_like": "*fp32"},
+        dict(HAS_BASE=False, BLOCK=scatter.BLOCK),
+    )
+    for base in dict.fromkeys(("float32", wdtype)):
+        name = "scatter_grouped_base" + ("" if base == "float32" else "_" + _TY[base])
+        types = {**common, "base_like": "*" + _TY[base]}
+        yield name, scatter._scatter_grouped_kernel, types, dict(HAS_BASE=True, BLOCK=scatter.BLOCK)
+
+
 WEIGHT_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -163,6 +179,7 @@ def variants(full: bool = True):
     for wdtype in WEIGHT_DTYPES if full else WEIGHT_DTYPES[:1]:
         for idx in ("int32", "int64"):
             yield from weight_variants(wdtype, idx)
+            yield from grouped_scatter_variants(wdtype, idx)
 
 
 def main() -> int:

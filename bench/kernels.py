@@ -187,6 +187,42 @@ def bench_scatter(timer, n, device, gen, copy_gbps):
     }
 
 
+GROUP_TENSORS = len(llama8b_shapes())  # the write-back's tensor count at LLaMA3-8B (226)
+
+
+def bench_scatter_grouped(timer, n, device, gen, copy_gbps):
+    """The write-back after a step: ``n`` elements in ``GROUP_TENSORS`` bf16 weights, k = 1% with fp32 bases (as
+    SparseModel keeps them), one ``scatter_grouped_`` against torch's per-tensor ``index_put_`` loop and the
+    per-tensor ``scatter_`` loop (the write-back before it)."""
+    size = max(100, n // GROUP_TENSORS)
+    ws = [(torch.randn(size, device=device, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(GROUP_TENSORS)]
+    idx = [_sorted_random_indices(size, size // 100, device, gen) for _ in ws]
+    bases = [w[i.long()].float() for w, i in zip(ws, idx)]
+    deltas = [torch.randn(i.numel(), device=device, generator=gen) * 1e-3 for i in idx]
+    kw = dict(check_indices=False, nonfinite="assume_finite")
+    ours = timer(lambda: gk.scatter_grouped_(ws, idx, deltas, bases=bases, **kw), calls=CALLS)
+    loop = timer(lambda: [gk.scatter_(w, i, d, base=b, **kw) for w, i, d, b in zip(ws, idx, deltas, bases)])
+    il = [i.long() for i in idx]
+
+    def torch_path():  # what a user writes with torch index ops: one index_put_ per weight
+        for w, i, d, b in zip(ws, il, deltas, bases):
+            w.index_put_((i,), (b + d).to(torch.bfloat16))
+
+    base = timer(torch_path)
+    k = sum(i.numel() for i in idx)
+    moved = k * (4 + 4 + 4 + 2)  # idx, delta, base, the weight's entry
+    return {
+        "ms": ours,
+        "per_tensor_scatter_ms": loop,
+        "torch_index_put_loop_ms": base,
+        "speedup": base / ours,
+        "GBps": moved / ours / 1e6,
+        "copy_fraction": moved / ours / 1e6 / copy_gbps,
+        "k": k,
+        "tensors": GROUP_TENSORS,
+    }
+
+
 def bench_llama8b(timer, device, gen):
     grads, weights = llama8b_inputs(device, gen)
     total = sum(w.numel() for w in weights)
@@ -270,7 +306,8 @@ def main(argv=None) -> int:
     )
     for n in sizes:
         row = {"n": n}
-        for name, fn in (("select_topk", bench_select), ("fused_step", bench_fused_step), ("scatter", bench_scatter)):
+        benches = [("select_topk", bench_select), ("fused_step", bench_fused_step), ("scatter", bench_scatter)]
+        for name, fn in benches + [("scatter_grouped", bench_scatter_grouped)]:
             row[name] = fn(timer, n, device, gen, copy["GBps"])
             _free(device)
             r = row[name]

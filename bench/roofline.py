@@ -305,6 +305,11 @@ kw = dict(check_indices=False, nonfinite="assume_finite")
 out["fused_step"] = measure(lambda: gk.sparse_adamw_step_(w, wg, idx, base, d, m, v, step=1, lr=1e-3, **kw))
 out["fused_step checked"] = measure(lambda: gk.sparse_adamw_step_(w, wg, idx, base, d, m, v, step=1, lr=1e-3))
 out["scatter_"] = measure(lambda: gk.scatter_(w, idx, d, base=base, **kw))
+ws = [torch.randn(64).to(torch.bfloat16) for _ in range(226)]  # the write-back after a step, at 8B's tensor count
+gi = [torch.arange(0, 64, 3) for _ in ws]
+gb, gd = [x[i].float() for x, i in zip(ws, gi)], [torch.zeros(i.numel()) for i in gi]
+out["scatter_grouped_ x226"] = measure(lambda: gk.scatter_grouped_(ws, gi, gd, bases=gb, **kw))
+out["scatter_ x226"] = measure(lambda: [gk.scatter_(x, i, v, base=b, **kw) for x, i, v, b in zip(ws, gi, gd, gb)])
 out["scatter_ checked"] = measure(lambda: gk.scatter_(w, idx, d, base=base))
 out["sparse_adamw_"] = measure(lambda: gk.sparse_adamw_(d, d.clone(), m, v, step=1, lr=1e-3, nonfinite="assume_finite"))
 out["sparse_adamw_ checked"] = measure(lambda: gk.sparse_adamw_(d, d.clone(), m, v, step=1, lr=1e-3))
@@ -424,6 +429,16 @@ def predict(codes: dict[str, KernelCode], host: dict) -> list[Prediction]:
     sc = codes["scatter_base"]
     rows.append(Prediction("scatter_", "2^30", [Pass(sc, k, k * (4 + 4 + 2 + 2 * SECTOR))],
                            **host["scatter_"]).compute())  # fmt: skip
+    # the write-back after a step at the LLaMA3-8B shapes (k = 1%, fp32 bases as SparseModel keeps them): idx 4,
+    # delta 4, base 4, the weight's read-modify-write (two sectors); the grouped kernel also reads its block's row
+    # number (4 B a block; the table rows stay in L2). One launch for all tensors, against one per tensor.
+    k8 = sum(a * b for a, b in llama8b_shapes()) / 100
+    sector_bytes = k8 * (4 + 4 + 4 + 2 * SECTOR)
+    gs = codes["scatter_grouped_base"]
+    rows.append(Prediction("scatter_grouped_", "llama8b", [Pass(gs, k8, sector_bytes + 4 * k8 / gs.block, launches=1)],
+                           **host["scatter_grouped_ x226"]).compute())  # fmt: skip
+    rows.append(Prediction("scatter_ x226", "llama8b", [Pass(sc, k8, sector_bytes, launches=226)],
+                           **host["scatter_ x226"]).compute())  # fmt: skip
     ad = codes["sparse_adamw"]
     rows.append(Prediction("sparse_adamw_", "2^30", [Pass(ad, k, 28 * k)], **host["sparse_adamw_"]).compute())
     return rows
@@ -454,11 +469,12 @@ def loop_trips(density: float = 0.01) -> dict[str, float]:
 
 
 def kernel_codes(arch: int) -> dict[str, KernelCode]:
-    from bench.kernel_matrix import adamw_variant, select_variants, weight_variants
+    from bench.kernel_matrix import adamw_variant, grouped_scatter_variants, select_variants, weight_variants
 
     trips = loop_trips()
     variants = [v for v in select_variants("float32", "bfloat16", "int32", scorers=[0]) if v[0] in SELECT_KERNELS]
     variants += [v for v in weight_variants("bfloat16", "int32") if v[0] in ("fused_step", "scatter_base", "gather")]
+    variants += [v for v in grouped_scatter_variants("bfloat16", "int32") if v[0] == "scatter_grouped_base"]
     variants.append(adamw_variant())
     # the collect pass as it runs on a block: without the rare exact-recompute branch (see _collect_kernel)
     variants = [(n, k, t, dict(c, EDGE_CHECK=False) if n.startswith("collect") else c) for n, k, t, c in variants]
@@ -481,7 +497,7 @@ def report(codes: dict[str, KernelCode], rows: list[Prediction], arch: int) -> s
         lines.append(row)
     lines += ["", f"predicted H200 time (copy {COPY_BPS / 1e12:.2f} TB/s, {SMS} SMs x {SCHEDULERS} x "
               f"{CLOCK_HZ / 1e9:.2f} GHz, launch {LAUNCH_S * 1e6:.0f} us, sync {SYNC_S * 1e6:.0f} us)", ""]  # fmt: skip
-    columns = [("op", -15), ("shape", -9), ("memory", 9), ("issue", 9), ("int32", 9), ("sfu", 9), ("atomics", 9),
+    columns = [("op", -17), ("shape", -9), ("memory", 9), ("issue", 9), ("int32", 9), ("sfu", 9), ("atomics", 9),
                ("host", 9), ("launch", 7), ("sync", 6), ("bound", 16), ("ms", 9), ("torch ms", 10), ("x torch", 9),
                ("of copy BW", 11)]  # fmt: skip
     lines.append("".join(f"{name:<{-w}}" if w < 0 else f"{name:>{w}}" for name, w in columns))
@@ -491,7 +507,7 @@ def report(codes: dict[str, KernelCode], rows: list[Prediction], arch: int) -> s
         ratio = f"{torch_ms / r.ms:9.1f}" if torch_ms else f"{'':>9}"
         copy_fraction = r.read_bytes / COPY_BPS * 1e3 / r.ms
         lines.append(
-            f"{r.op:<15}{r.shape:<9}{b['memory']:>9.3f}{b['issue']:>9.3f}{b['int32']:>9.3f}{b['sfu']:>9.3f}"
+            f"{r.op:<17}{r.shape:<9}{b['memory']:>9.3f}{b['issue']:>9.3f}{b['int32']:>9.3f}{b['sfu']:>9.3f}"
             f"{b['shared_atomics']:>9.3f}{b['host']:>9.3f}"
             f"{r.launches:>7}{r.syncs:>6}{r.binding:>16}{r.ms:>9.3f}"
             + (f"{torch_ms:>10.2f}" if torch_ms else f"{'':>10}")

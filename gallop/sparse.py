@@ -17,7 +17,8 @@ The mechanism (docs/architecture.md, "Phase 2"):
 * **Write-back**, two entry points: ``_write_back`` after any torch optimizer's step (a global step post-hook,
   unconditionally for every delta that optimizer holds: a fused torch optimizer moves no version counter) and,
   through the deltas' version counters, before a forward or a state dict (an in-place edit of a delta); and
-  ``merge`` / ``unmerge``. Both write through ``_scatter``; non-finite deltas are refused.
+  ``merge`` / ``unmerge``. Both write through ``_scatter`` (one ``scatter_grouped_`` call for every weight);
+  non-finite deltas are refused.
 
 Adapter persistence (``save_pretrained``, ``from_pretrained``, ``load_adapter_``) is ``gallop.adapters.io``'s.
 """
@@ -352,30 +353,32 @@ class SparseModel(nn.Module):
 
     @torch.no_grad()
     def _scatter(self, targets: list[layers.SelectedWeight], merged: bool = True) -> None:
-        """The write-back's kernel calls, the only ones: ``W[idx] = cast(base + delta)`` for each target (``merged``)
-        or ``W[idx] = cast(base)``."""
+        """The write-back's kernel call, the only one: ``W[idx] = cast(base + delta)`` for every target (``merged``)
+        or ``W[idx] = cast(base)``, in one ``scatter_grouped_`` (one launch per weight dtype on the GPU). A quantized
+        target is skipped: its forward applies the delta, and the quantized storage is never written."""
         for t in targets:
-            if t.quantized:  # its forward applies the delta; the quantized storage is never written
+            if t.quantized:
                 t.synced_version = t.delta._version
-                continue
-            if not merged:
-                gallop_kernels.scatter_(
-                    t.weight.detach(), t.indices, t.base, check_indices=False, nonfinite="assume_finite"
-                )
-                continue
-            if t.delta.dtype != torch.float32 or t.base.dtype != torch.float32:
+        targets = [t for t in targets if not t.quantized]
+        if not targets:
+            return
+        weights = [t.weight.detach() for t in targets]
+        indices = [t.indices for t in targets]
+        if not merged:
+            bases = [t.base for t in targets]
+            gallop_kernels.scatter_grouped_(weights, indices, bases, check_indices=False, nonfinite="assume_finite")
+            return
+        deltas, bases = [t.delta.detach() for t in targets], [t.base for t in targets]
+        for t, delta, base in zip(targets, deltas, bases):
+            if delta.dtype != torch.float32 or base.dtype != torch.float32:
                 raise RuntimeError(
-                    f"the delta or base of {t.name!r} was cast to {t.delta.dtype}/{t.base.dtype}; "
+                    f"the delta or base of {t.name!r} was cast to {delta.dtype}/{base.dtype}; "
                     f"GaLLoP keeps them in fp32: cast the model before wrapping it"
                 )
-            gallop_kernels.scatter_(
-                t.weight.detach(),
-                t.indices,
-                t.delta.detach(),
-                base=t.base,
-                check_indices=False,
-                nonfinite="assume_finite",
-            )
+        gallop_kernels.scatter_grouped_(
+            weights, indices, deltas, bases=bases, check_indices=False, nonfinite="assume_finite"
+        )
+        for t in targets:
             t.synced_version = t.delta._version
 
     def merge(self) -> nn.Module:

@@ -12,7 +12,15 @@ from ._common import SCORERS, index_dtype
 from ._registry import InterpreterRequiredError, backend
 from ._validate import integer as check_int
 from ._validate import real as check_real
-from .api import gather, scatter_, select_topk, sparse_adamw_, sparse_adamw_step_, weight_grad_at
+from .api import (
+    gather,
+    scatter_,
+    scatter_grouped_,
+    select_topk,
+    sparse_adamw_,
+    sparse_adamw_step_,
+    weight_grad_at,
+)
 
 __version__ = "0.2.0"  # the one version of the gallop distribution (pyproject.toml and gallop read it)
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "sparse_adamw_step_",
     "gather",
     "scatter_",
+    "scatter_grouped_",
     "weight_grad_at",
     "backend",
     "InterpreterRequiredError",

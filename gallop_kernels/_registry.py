@@ -26,6 +26,7 @@ OPS = {
     "sparse_adamw_step_": "sparse_adamw",
     "gather": "gather_scatter",
     "scatter_": "gather_scatter",
+    "scatter_grouped_": "gather_scatter",
     "weight_grad_at": "weight_grad_at",
 }
 CHOICES = ("auto", "reference", "triton")

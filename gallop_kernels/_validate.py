@@ -146,20 +146,32 @@ def check_index_range(indices: torch.Tensor, numel: int, name: str = "indices", 
 
     Sorted indices pass the uniqueness check with one comparison; unsorted ones need a ``torch.unique``.
     """
-    if indices.numel() == 0 or torch.compiler.is_compiling():  # data-dependent: skipped inside torch.compile
+    check_index_ranges([(name, indices, numel)], unique=unique)
+
+
+def check_index_ranges(named: Sequence[tuple[str, torch.Tensor, int]], *, unique: bool = False) -> None:
+    """``check_index_range`` for several ``(name, indices, numel)`` at once, with one device sync for all of them
+    (and one ``torch.unique`` per unsorted tensor when ``unique``); the error names the first bad tensor."""
+    named = [(name, idx, numel) for name, idx, numel in named if idx.numel()]
+    if not named or torch.compiler.is_compiling():  # data-dependent: skipped inside torch.compile
         return
-    lo, hi = torch.aminmax(indices)
-    parts = [lo.to(torch.int64), hi.to(torch.int64)]
-    if unique and indices.numel() > 1:
-        parts.append((indices[1:] > indices[:-1]).all().to(torch.int64))
+    parts = []
+    for _, idx, _ in named:
+        lo, hi = torch.aminmax(idx)
+        parts += [lo.to(torch.int64), hi.to(torch.int64)]
+        if unique:  # True for a single index: the comparison of an empty pair is vacuously sorted
+            parts.append((idx[1:] > idx[:-1]).all().to(torch.int64))
     values = torch.stack(parts).tolist()
-    if values[0] < 0 or values[1] >= numel:
-        raise ValueError(
-            f"{name} must lie in [0, {numel}) (flat indices into a tensor of {numel} elements), got "
-            f"min {values[0]} and max {values[1]}"
-        )
-    if unique and indices.numel() > 1 and not values[2]:
-        if torch.unique(indices).numel() != indices.numel():
+    width = 3 if unique else 2
+    for i, (name, _, numel) in enumerate(named):
+        lo, hi = values[width * i], values[width * i + 1]
+        if lo < 0 or hi >= numel:
+            raise ValueError(
+                f"{name} must lie in [0, {numel}) (flat indices into a tensor of {numel} elements), got "
+                f"min {lo} and max {hi}"
+            )
+    for i, (name, idx, _) in enumerate(named):
+        if unique and not values[width * i + 2] and torch.unique(idx).numel() != idx.numel():
             raise ValueError(
                 f"{name} holds duplicates: each entry may be written once (with duplicates, which "
                 f"write wins is undefined); pass unique indices"
@@ -171,22 +183,44 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     if t.numel() == 0:
         return (0, 0)
     start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
     extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
     return start, start + extent * t.element_size()
 
 
-def check_no_overlap(named: Sequence[tuple[str, torch.Tensor | None]]) -> None:
-    """No two of the named tensors share memory (an op that writes one and reads another would race); no sync."""
+def check_no_overlap(
+    named: Sequence[tuple[str, torch.Tensor | None]], read_only: Sequence[tuple[str, torch.Tensor | None]] = ()
+) -> None:
+    """No two of the named tensors share memory (an op that writes one and reads another would race), and none of
+    them shares memory with a ``read_only`` tensor; ``read_only`` tensors may share memory with each other. No sync.
+
+    One sort of the tensors' byte spans, then one sweep: ``O(n log n)`` for an op over hundreds of tensors."""
     if torch.compiler.is_compiling():  # traced tensors have no addresses; checked when the code runs eagerly
         return
-    spans = [(name, t.device, *_span(t)) for name, t in named if t is not None and t.numel()]
-    for i, (a, dev_a, a0, a1) in enumerate(spans):
-        for b, dev_b, b0, b1 in spans[i + 1 :]:
-            if dev_a == dev_b and a0 < b1 and b0 < a1:
-                raise ValueError(
-                    f"{a} and {b} share memory: pass separate tensors (an op that writes one while "
-                    f"reading the other gives backend-dependent results)"
-                )
+    everything = [*named, *read_only]
+    spans = []
+    for position, (_, t) in enumerate(everything):
+        if t is not None and t.numel():
+            start, end = _span(t)
+            spans.append((t.get_device(), start, end, position))  # get_device: -1 on the CPU, else the index
+    spans.sort()
+    names = [name for name, _ in everything]
+    device = None
+    for dev, start, end, position in spans:
+        if dev != device:  # per device: the span reaching furthest so far, among all and among the written ones
+            device, furthest, furthest_written = dev, (0, -1), (0, -1)
+        other = furthest if position < len(named) else furthest_written
+        if start < other[0]:
+            first, second = sorted([other[1], position])
+            raise ValueError(
+                f"{names[first]} and {names[second]} share memory: pass separate tensors (an op that writes one "
+                f"while reading the other gives backend-dependent results)"
+            )
+        if end > furthest[0]:
+            furthest = (end, position)
+        if position < len(named) and end > furthest_written[0]:
+            furthest_written = (end, position)
 
 
 NONFINITE = ("skip", "raise", "assume_finite")

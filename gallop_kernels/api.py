@@ -267,6 +267,63 @@ def scatter_(
         _increment_versions(dst)
 
 
+def scatter_grouped_(
+    dsts: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    *,
+    bases: Sequence[torch.Tensor] | None = None,
+    check_indices: bool = True,
+    nonfinite: str = "skip",
+) -> None:
+    """``scatter_`` into ``T`` tensors in one call: ``dsts[i].view(-1)[indices[i]] = cast(bases[i] + values[i])``
+    (or ``cast(values[i])`` without ``bases``) for every ``i``, in place. The write-back after a training step.
+
+    Args:
+        dsts: ``T`` contiguous tensors of any shape and float dtype (the weights; the dtypes may differ).
+        indices: ``T`` 1-D int32/int64 flat indices, ``indices[i]`` unique and in ``[0, dsts[i].numel())``.
+        values: ``T`` 1-D contiguous fp32 tensors, ``len(values[i]) == len(indices[i])`` (the fp32 deltas).
+        bases: ``None``, or ``T`` 1-D tensors of ``len(indices[i])``, any float dtype (the exact pretrained values).
+            Each sum is computed in fp32 and rounded once to ``dsts[i].dtype`` (round to nearest even).
+        check_indices: verify every range and uniqueness first (one device sync for the group). With False an
+            out-of-range index is never written by the Triton kernel (and raises in the reference); duplicates
+            then leave an undefined one of their values.
+        nonfinite: when any ``cast(bases[i] + values[i])`` holds a NaN or Inf (an overflow of ``dsts[i].dtype``
+            included), ``"skip"`` (default) writes nothing into any tensor and warns, ``"raise"`` raises
+            ``FloatingPointError`` (both name the first such position), ``"assume_finite"`` writes without checking.
+
+    Every entry is written bit for bit as ``scatter_(dsts[i], indices[i], values[i], base=bases[i])`` writes it;
+    a NaN stays a NaN (its payload bits are implementation-defined, as ``scatter_``'s). No ``dsts[i]`` may share
+    memory with any other tensor of the call (a weight appears once); the read-only ``indices``, ``values`` and
+    ``bases`` of different entries may share memory. The Triton backend makes one launch per distinct
+    (``dsts[i]``, ``indices[i]``, ``bases[i]``) dtype triple, whatever ``T``; an empty group does nothing.
+    """
+    gather_scatter.check_scatter_grouped_args(dsts, indices, values, bases, check_indices, nonfinite)
+    dst_list, value_list = list(dsts), list(values)
+    index_list = [_validate.dense(i) for i in indices]
+    base_list = None if bases is None else [_validate.dense(b) for b in bases]
+    if nonfinite != "assume_finite" and dst_list and not _compiling():  # data-dependent, as all_finite
+        finite = [
+            torch.isfinite((v if base_list is None else base_list[i].to(torch.float32) + v).to(d.dtype)).all()
+            for i, (d, v) in enumerate(zip(dst_list, value_list))
+        ]
+        flags = torch.stack(finite).tolist()  # one device sync for the group
+        if not all(flags):
+            bad = flags.index(False)
+            what = f"values[{bad}]" if base_list is None else f"bases[{bad}] + values[{bad}]"
+            _nonfinite(
+                f"cast({what}) to {dst_list[bad].dtype} holds NaN or Inf: nothing was written into any of the "
+                f"{len(dst_list)} tensors",
+                nonfinite,
+            )
+            return
+    if _compiling():
+        gather_scatter.scatter_grouped_op(dst_list, index_list, value_list, base_list or [])
+    else:
+        gather_scatter.scatter_grouped_(dst_list, index_list, value_list, base_list or [])
+        _increment_versions(*dst_list)
+
+
 def weight_grad_at(
     grad_output: torch.Tensor,
     input: torch.Tensor,

@@ -14,6 +14,8 @@ def test_bench_kernels_quick_cpu(tmp_path, monkeypatch):
     assert kernels.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "kernels.json").read_text())
     assert len(res["sizes"]) == 2 and res["sizes"][0]["select_topk"]["same_set_as_torch"]
+    grouped = res["sizes"][0]["scatter_grouped"]
+    assert grouped["tensors"] == 226 and grouped["ms"] > 0 and grouped["torch_index_put_loop_ms"] > 0
     assert (tmp_path / "kernels.png").stat().st_size > 1000
 
 

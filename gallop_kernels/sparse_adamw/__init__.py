@@ -70,7 +70,7 @@ def check_sparse_adamw_step_args(
     if weight_grad.shape != weight.shape:
         raise ValueError(f"weight_grad has shape {tuple(weight_grad.shape)} but weight has shape {tuple(weight.shape)}")
     check_contiguous(weight_grad, "weight_grad", "it is read as one flat array, like weight")
-    check_scatter_args(weight, indices, delta, base, check_range=False, names=("weight", "delta"))
+    check_scatter_args(weight, indices, delta, base, check_range=False, names=("weight", "indices", "delta", "base"))
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         check_fp32_1d(t, name)
         if t.numel() != delta.numel():

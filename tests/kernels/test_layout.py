@@ -51,6 +51,13 @@ OPS: dict[str, tuple[dict[str, str], Callable[[dict], list[torch.Tensor]]]] = {
         {"dst": "dense", "indices": "indices", "values": "values", "base": "base"},
         lambda a: [gk.scatter_(a["dst"], a["indices"], a["values"], base=a["base"]), a["dst"]][1:],
     ),
+    "scatter_grouped_": (
+        {"dsts[0]": "dense", "indices[0]": "indices", "values[0]": "values", "bases[0]": "base"},
+        lambda a: [
+            gk.scatter_grouped_([a["dsts[0]"]], [a["indices[0]"]], [a["values[0]"]], bases=[a["bases[0]"]]),
+            a["dsts[0]"],
+        ][1:],
+    ),
     "sparse_adamw_": (
         {"param": "values", "grad": "grad_k", "exp_avg": "state_m", "exp_avg_sq": "state_v"},
         lambda a: [
@@ -107,7 +114,18 @@ OPS: dict[str, tuple[dict[str, str], Callable[[dict], list[torch.Tensor]]]] = {
 }
 # torch's GEMM picks its kernel (and summation order) by layout: these agree within rounding, not bit for bit
 BY_LAYOUT_ROUNDING = {"weight_grad_at[dense]", "weight_grad_at[sampled]"}
-ALWAYS_ACCEPTED = {"indices", "base", "grad_output", "input", "grads[0]", "grads[1]", "weights[0]", "weights[1]"}
+ALWAYS_ACCEPTED = {
+    "indices",
+    "base",
+    "indices[0]",
+    "bases[0]",
+    "grad_output",
+    "input",
+    "grads[0]",
+    "grads[1]",
+    "weights[0]",
+    "weights[1]",
+}
 CASES = [(op, arg) for op, (args, _) in OPS.items() for arg in args]
 
 

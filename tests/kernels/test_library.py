@@ -22,6 +22,13 @@ def test_opcheck_all_ops():
     torch.library.opcheck(gather_scatter.scatter_op, (w.clone(), idx, torch.randn(4, generator=gen), None))
     base = torch.randn(4, generator=gen)
     torch.library.opcheck(gather_scatter.scatter_op, (w.clone(), idx, torch.randn(4, generator=gen), base))
+    grouped = (
+        [w.clone(), torch.randn(5, generator=gen).to(torch.bfloat16)],
+        [idx, torch.tensor([0, 4], dtype=torch.int32)],
+    )
+    grouped_values = [torch.randn(4, generator=gen), torch.randn(2, generator=gen)]
+    torch.library.opcheck(gather_scatter.scatter_grouped_op, (*grouped, grouped_values, []))
+    torch.library.opcheck(gather_scatter.scatter_grouped_op, (*grouped, grouped_values, [base, torch.randn(2)]))
     step_args = (
         w.clone(),
         torch.randn(6, 7, generator=gen),
@@ -66,6 +73,27 @@ def test_compiled_step_has_no_graph_break():
     step(w_e, grad, *st_e)
     compiled(w_c, grad, *st_c)
     assert torch.equal(w_e, w_c) and all(torch.equal(a, b) for a, b in zip(st_e, st_c))
+
+
+def test_compiled_grouped_write_back_has_no_graph_break():
+    """scatter_grouped_ (the write-back after a step) traces as one graph under torch.compile and matches eager."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(6, 7, generator=gen), torch.randn(5, generator=gen).to(torch.bfloat16)]
+    idx = [torch.tensor([1, 5, 20, 41]), torch.tensor([0, 3], dtype=torch.int32)]
+    bases = [gk.gather(w, i) for w, i in zip(weights, idx)]
+
+    def write_back(ws, deltas):
+        gk.scatter_grouped_(ws, idx, deltas, bases=bases)
+        return deltas[0].sum()
+
+    compiled = torch.compile(write_back, fullgraph=True, backend="aot_eager")
+    deltas = [torch.randn(4, generator=gen), torch.randn(2, generator=gen)]
+    eager_w, compiled_w = [w.clone() for w in weights], [w.clone() for w in weights]
+    write_back(eager_w, deltas)
+    compiled(compiled_w, deltas)
+    assert all(torch.equal(a, b) for a, b in zip(eager_w, compiled_w))
+    assert not torch.equal(eager_w[0], weights[0])
 
 
 def test_eager_path_skips_dispatcher(monkeypatch):
