@@ -237,10 +237,26 @@ def quantized_sparse_linear(
 
 
 # ------------------------------------------------------------------------------------------------ merging
+def _dense_dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The most common dtype of the floating parameters outside bitsandbytes layers (e.g. fp16 for an int8 model
+    that transformers loaded without a dtype), or None when there are none."""
+    counts: dict[torch.dtype, int] = {}
+    for m in model.modules():
+        if is_quantized_linear(m):
+            continue
+        for p in m.parameters(recurse=False):
+            if p.is_floating_point():
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=lambda d: counts[d]) if counts else None
+
+
 @torch.no_grad()
 def dequantize_model(model: Any, dtype: torch.dtype | None = None) -> Any:
     """Replace every bitsandbytes layer of ``model`` by an ``nn.Linear`` holding its de-quantized weight (in
-    ``dtype``, default the layer's de-quantized dtype) and drop the model's quantization marks; returns ``model``."""
+    ``dtype``; default: the dtype of the model's other floating weights, which the layers' inputs come in, else the
+    layer's de-quantized dtype) and drop the model's quantization marks; returns ``model``."""
+    if dtype is None:
+        dtype = _dense_dtype_of(model)
     module: Any
     for name, module in list(model.named_modules()):
         if not is_quantized_linear(module):

@@ -93,3 +93,12 @@ def saved_adapter(tmp_path, budget="per_tensor", dtype=torch.float32):
     train(sparse, SparseAdamW(sparse, lr=1e-2), random_batches(3))
     sparse.save_pretrained(tmp_path / "adapter")
     return model, sparse
+
+
+def enable_checkpointing(model, reentrant: bool = False) -> None:
+    """Gradient checkpointing on a transformers model, under either release's name for it."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

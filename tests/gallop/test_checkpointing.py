@@ -12,15 +12,7 @@ from gallop import SparseModel, mean_gradients
 from gallop.checkpointing import eval_but_keep_checkpointing, inputs_require_grad, uses_checkpointing
 
 from ..models import random_batches, tiny
-from .helpers import setup, tol
-
-
-def _enable(model, reentrant: bool = False) -> None:
-    kwargs = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+from .helpers import enable_checkpointing, setup, tol
 
 
 def _disable(model) -> None:
@@ -33,7 +25,7 @@ def _disable(model) -> None:
 def test_uses_checkpointing_follows_the_flag():
     model = tiny("llama")
     assert not uses_checkpointing(model)
-    _enable(model)
+    enable_checkpointing(model)
     assert uses_checkpointing(model)
     _disable(model)
     assert not uses_checkpointing(model)
@@ -94,7 +86,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     plain.train()
     plain(**batch).loss.backward()
     sparse = SparseModel(model, sel)
-    _enable(sparse, reentrant)
+    enable_checkpointing(sparse, reentrant)
     sparse.train()
     sparse(**batch).loss.backward()
     for a, b in zip(plain.parameters(), sparse.parameters()):
@@ -107,7 +99,7 @@ def test_gradient_checkpointing_gives_the_same_mean_gradient(reentrant):
     model = tiny("llama")
     batches = random_batches(2)
     want = mean_gradients(model, batches, progress=False)
-    _enable(model, reentrant)
+    enable_checkpointing(model, reentrant)
     model.train()
     calls = []
     layer = model.model.layers[0]

@@ -10,6 +10,7 @@ from gallop import GallopConfig, SparseAdamW, SparseModel, mean_gradients, quant
 from gallop.models import ModelArguments, load_model
 
 from ..models import random_batches, tiny
+from .helpers import enable_checkpointing
 
 pytest.importorskip("bitsandbytes")
 
@@ -23,11 +24,11 @@ def base_folder(tmp_path_factory):
     return folder
 
 
-def load(folder, kind):
+def load(folder, kind, dtype=torch.float32):
     import transformers as tf
 
     model = tf.AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quantized.bnb_config(kind), device_map="cpu"
+        folder, quantization_config=quantized.bnb_config(kind), device_map="cpu", dtype=dtype
     )
     return model.eval()
 
@@ -72,6 +73,16 @@ def test_other_quantizations_are_refused_before_any_work():
     with pytest.raises(ValueError, match="'awq'.*bitsandbytes 4-bit"):
         select(model, None, GallopConfig(scorer="random"))
     assert ModelArguments(quantization="nf4").quantization == "nf4"
+
+
+def test_dequantize_model_matches_the_dtype_of_the_rest_of_the_model(base_folder):
+    """An int8 model whose other weights are fp16 (what transformers 4.56 loads without a dtype) de-quantizes its
+    layers to fp16, not to the fp32 of the row scales, so the merged model runs (it raised a dtype mismatch)."""
+    model = load(base_folder, "int8", dtype=torch.float16)
+    merged = quantized.dequantize_model(copy.deepcopy(model))
+    assert {p.dtype for p in merged.parameters()} == {torch.float16}
+    ids = torch.tensor([[1, 2, 3]])
+    assert merged(input_ids=ids).logits.dtype == torch.float16
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -160,7 +171,7 @@ def test_checkpointing_and_bf16_autocast_train_as_on_a_dense_base(base_folder):
     plain(**batch).loss.backward()
     want = [d.grad.clone() for d in plain.parameters()]
     plain.zero_grad()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(model, reentrant=True)
     plain(**batch).loss.backward()
     for d, w in zip(plain.parameters(), want):
         torch.testing.assert_close(d.grad, w, **qtol())
