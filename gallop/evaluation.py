@@ -1,5 +1,6 @@
 """Evaluating a causal language model on ``gallop.data.Example`` lists: multiple-choice accuracy by the
-log-likelihood of each choice, and generative exact match (greedy decoding, the answer parsed from the output)."""
+log-likelihood of each choice (summed, or length-normalized as lm-eval's ``acc_norm``), and generative exact match
+(greedy decoding, the answer parsed from the output)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,34 @@ def accuracy(
     return right / max(1, len(examples))
 
 
+def normalized_predictions(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> list[int]:
+    """The chosen option per example by length-normalized log-likelihood (lm-eval's ``acc_norm``): each choice's
+    summed log-probability divided by the UTF-8 byte length of its continuation (``sep + choice``); ties go to the
+    first choice."""
+    scores = choice_logprobs(model, tokenizer, examples, batch_size=batch_size, progress=progress, desc=desc)
+    out = []
+    for s, ex in zip(scores, examples):
+        norm = [v / max(1, len((ex.sep + c).encode())) for v, c in zip(s, ex.choices)]
+        out.append(max(range(len(norm)), key=norm.__getitem__))
+    return out
+
+
+def normalized_accuracy(
+    model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 32, progress: bool = False
+) -> float:
+    """Fraction of examples whose choice by length-normalized log-likelihood (``acc_norm``) is the right one."""
+    preds = normalized_predictions(model, tokenizer, examples, batch_size=batch_size, progress=progress)
+    return sum(int(p == ex.label) for p, ex in zip(preds, examples)) / max(1, len(examples))
+
+
 def _parse_answer(text: str) -> str:
     """The answer in a generated continuation: its first line, stripped of spaces and final punctuation."""
     line = text.strip().split("\n")[0].strip()
@@ -75,7 +104,7 @@ def _parse_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def exact_match(
+def generate_texts(
     model: nn.Module,
     tokenizer,
     examples: Sequence[Example],
@@ -84,14 +113,12 @@ def exact_match(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "generate",
-) -> float:
-    """Generative accuracy: greedy decoding after each prompt, the answer parsed from the output (first line,
-    case-insensitive, trailing punctuation dropped) compared with the right choice. This is where collapse shows:
-    a model that emits only EOS or breaks the answer format scores 0 here even if its likelihoods still rank well."""
+) -> list[str]:
+    """Greedy continuations (special tokens dropped) of each example's prompt, batched with left padding."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    right = 0
+    texts: list[str] = []
     try:
         for i in progress_bar(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
             chunk = examples[i : i + batch_size]
@@ -109,9 +136,27 @@ def exact_match(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id(tokenizer),
             )
-            for r, ex in enumerate(chunk):
-                text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
-                right += int(_parse_answer(text) == ex.answer.strip().lower())
+            texts += [tokenizer.decode(out[r, width:], skip_special_tokens=True) for r in range(len(chunk))]
     finally:
         model.train(was_training)
+    return texts
+
+
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generate",
+) -> float:
+    """Generative accuracy: greedy decoding after each prompt, the answer parsed from the output (first line,
+    case-insensitive, trailing punctuation dropped) compared with the right choice. This is where collapse shows:
+    a model that emits only EOS or breaks the answer format scores 0 here even if its likelihoods still rank well."""
+    texts = generate_texts(
+        model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc=desc
+    )
+    right = sum(int(_parse_answer(t) == ex.answer.strip().lower()) for t, ex in zip(texts, examples))
     return right / max(1, len(examples))

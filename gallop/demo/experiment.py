@@ -12,7 +12,17 @@ parameters (``GallopConfig(num_selected=...)``), so the comparison is at equal t
 the same data order, steps, schedule and clipping; only the learning rate differs by family.
 
 One JSON line per run goes to ``<out>/results.jsonl``; a rerun skips the runs already there, so an interrupted grid
-resumes where it stopped. ``gallop report <out>`` renders ``report.md`` and two plots.
+resumes where it stopped. ``gallop report <out>`` renders ``report.md`` and the plots.
+
+The paper's data: ``--tasks commonsense`` (or any of ``gallop.commonsense.SETS``) trains on the eight commonsense sets
+in turn and ``--probe_tasks commonsense`` evaluates every round on the other seven. Each set is split once, seeded
+by ``--split_seed`` (not by the run's seed, so every seed and method meets the same test items); they are scored by
+length-normalized log-likelihood (``acc_norm``) and, with ``--generative``, by greedy generation parsed for the
+option (collapse, and the fraction of outputs that give no answer). Per-item results are kept for the paired
+bootstrap intervals of the report. ``--eval_split validation`` evaluates on the validation split instead (the
+learning-rate sweep); ``--lr_scales`` runs each method at several multiples of its family's learning rate and
+``--lr_from SWEEP_DIR`` runs each method at the learning rate that won its sweep (highest mean validation ID
+accuracy), so the test split never picks anything.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gallop.commonsense import SETS
 from gallop_kernels import SCORERS
 
 logger = logging.getLogger(__name__)
@@ -50,6 +61,11 @@ PROTOCOL = (
     "lr_full",
     "generative",
     "dtype",
+    "eval_split",
+    "validation_examples",
+    "split_seed",
+    "lr_from",
+    "max_new_tokens",
 )
 METHODS = (*SPARSE_METHODS, "lora", "dora", "full")
 
@@ -88,6 +104,34 @@ class ExperimentArguments:
     lr_sparse: float = field(default=1e-4, metadata={"help": "learning rate of the sparse methods"})
     lr_lora: float = field(default=1e-3, metadata={"help": "learning rate of LoRA and DoRA"})
     lr_full: float = field(default=1e-5, metadata={"help": "learning rate of full fine-tuning"})
+    validation_examples: int = field(
+        default=64, metadata={"help": "validation items per set (commonsense sets and --choices_column data)"}
+    )
+    split_seed: int = field(default=0, metadata={"help": "the seed of the train/validation/test split of each set"})
+    eval_split: str = field(
+        default="test",
+        metadata={"help": "the split to evaluate on: test, or validation (the learning-rate sweep)"},
+    )
+    lr_scales: str = field(
+        default="1",
+        metadata={"help": "comma list of multiples of each method's learning rate to run (a sweep), e.g. 0.3,1,3,10"},
+    )
+    lr_from: str = field(
+        default="",
+        metadata={"help": "a sweep's results folder: each method runs at the learning rate that won there"},
+    )
+    question_column: str = field(default="question", metadata={"help": "user multiple-choice data: question column"})
+    choices_column: str = field(
+        default="",
+        metadata={
+            "help": "user multiple-choice data: the column holding the list of choices, or a comma list of "
+            "columns (one per option); set it to read --tasks files/folders through gallop.commonsense"
+        },
+    )
+    answer_column: str = field(
+        default="answer", metadata={"help": "user multiple-choice data: answer column (index, letter or text)"}
+    )
+    max_new_tokens: int = field(default=24, metadata={"help": "greedy generation length (--generative)"})
     generative: bool = field(
         default=False,
         metadata={"help": "also score OOD sets by greedy generation (exact match), where collapse shows; slower"},
@@ -97,18 +141,31 @@ class ExperimentArguments:
 
     def apply_quick(self) -> None:
         if self.quick:
+            commonsense = all(t in SETS for t in self.task_list())
             self.tasks = ",".join(self.task_list()[:2])
-            self.probe_tasks = "capitals"
+            self.probe_tasks = "none" if commonsense else "capitals"
+            if commonsense:
+                self.validation_examples, self.max_new_tokens = 4, 4
             self.methods = ",".join([m for m in self.method_list() if m in ("gallop", "lora")][:2] or ["gallop"])
             self.ranks = self.ranks.split(",")[0]
             self.steps, self.train_examples, self.eval_examples = 3, 16, 4
             self.batch_size = min(self.batch_size, 4)
 
     def task_list(self) -> list[str]:
-        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return _expand([t.strip() for t in self.tasks.split(",") if t.strip()])
 
     def probe_list(self) -> list[str]:
-        return [] if self.probe_tasks in ("", "none") else [t.strip() for t in self.probe_tasks.split(",")]
+        if self.probe_tasks in ("", "none"):
+            return []
+        return [t for t in _expand([t.strip() for t in self.probe_tasks.split(",")]) if t not in self.task_list()]
+
+    @property
+    def mc_names(self) -> set[str]:
+        """The evaluation names scored as multiple-choice data (commonsense sets, ``--choices_column`` data)."""
+        return {_task_name(t) for t in self.task_list() + self.probe_list() if _is_multiple_choice(t, self)}
+
+    def lr_scale_list(self) -> list[float]:
+        return [float(x) for x in self.lr_scales.split(",") if x.strip()]
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -118,6 +175,14 @@ class ExperimentArguments:
 
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.seeds.split(",") if s.strip()]
+
+
+def _expand(names: list[str]) -> list[str]:
+    """``commonsense`` stands for the eight sets of ``gallop.commonsense.SETS``."""
+    out: list[str] = []
+    for n in names:
+        out += [s for s in SETS if s not in out] if n == "commonsense" else ([n] if n not in out else [])
+    return out
 
 
 @dataclass
@@ -136,7 +201,20 @@ def check(args: ExperimentArguments) -> None:
         raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if not args.task_list():
         raise ValueError("--tasks is empty: name at least one training task")
+    if any(t in SETS for t in args.task_list() + args.probe_list()):
+        from gallop.commonsense import INSTALL_HINT, commonsense_available
+
+        if not commonsense_available():
+            raise ValueError(f"--tasks/--probe_tasks name commonsense sets, but they are not installed: {INSTALL_HINT}")
+    if args.eval_split not in ("test", "validation"):
+        raise ValueError(f"--eval_split must be test or validation, got {args.eval_split!r}")
+    if not args.lr_scale_list() or any(not x > 0 for x in args.lr_scale_list()):
+        raise ValueError(f"--lr_scales must be positive numbers, got {args.lr_scales!r}")
+    if args.lr_from and not (Path(args.lr_from) / "results.jsonl").is_file():
+        raise ValueError(f"--lr_from {args.lr_from!r} holds no results.jsonl: run the sweep into that folder first")
     for t in args.task_list() + args.probe_list():
+        if t in SETS or (args.choices_column and Path(t).exists()):
+            continue
         if t not in TASKS and not Path(t).is_file():
             raise ValueError(f"task {t!r} is neither a built-in task ({', '.join(TASKS)}) nor a JSONL file")
         if Path(t).is_file() and t not in TASKS:
@@ -151,7 +229,7 @@ def check(args: ExperimentArguments) -> None:
             raise ValueError(f"--train_examples {args.train_examples} is more than task {t!r} has")
     if not args.rank_list() or any(r < 1 for r in args.rank_list()):
         raise ValueError(f"--ranks must be positive ints, got {args.ranks!r}")
-    for name in ("steps", "batch_size", "train_examples", "eval_examples"):
+    for name in ("steps", "batch_size", "train_examples", "eval_examples", "validation_examples", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive int")
     if not 0 < args.calib_fraction <= 1:
@@ -171,10 +249,47 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _examples(task: str, split: str, n: int):
+def _multiple_choice(task: str, args: ExperimentArguments):
+    """A commonsense set's or a user's multiple-choice data's seeded splits (read once per process)."""
+    key = (
+        task,
+        args.eval_examples,
+        args.validation_examples,
+        args.split_seed,
+        args.question_column,
+        args.choices_column,
+        args.answer_column,
+    )
+    if key not in _SPLITS:
+        from gallop.commonsense import load_multiple_choice, load_set, split_items
+
+        items = (
+            load_set(task)
+            if task in SETS
+            else load_multiple_choice(
+                task, question=args.question_column, choices=args.choices_column, answer=args.answer_column
+            )
+        )
+        _SPLITS[key] = split_items(
+            items, test=args.eval_examples, validation=args.validation_examples, seed=args.split_seed
+        )
+    return _SPLITS[key]
+
+
+_SPLITS: dict[tuple, Any] = {}
+
+
+def _is_multiple_choice(task: str, args: ExperimentArguments) -> bool:
+    return task in SETS or bool(args.choices_column and Path(task).exists())
+
+
+def _examples(task: str, split: str, n: int, args: ExperimentArguments | None = None):
     from gallop.data import load_examples
     from gallop.tasks import TASKS, task_examples
 
+    if args is not None and _is_multiple_choice(task, args):
+        splits = _multiple_choice(task, args)
+        return splits.train[:n] if split == "train" else splits.get(args.eval_split)
     if task in TASKS:
         return task_examples(task, split, n)
     rows = load_examples(task)
@@ -183,7 +298,64 @@ def _examples(task: str, split: str, n: int):
 
 
 def _task_name(task: str) -> str:
-    return Path(task).stem if task.endswith(".jsonl") else task
+    return task if task in SETS or "/" not in task and "." not in task else Path(task.rstrip("/")).stem
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_all(model, tokenizer, args: ExperimentArguments, evals: dict[str, list]) -> dict[str, Any]:
+    """Accuracy on every evaluation set (``acc``), and with ``--generative`` the generative accuracy
+    (``exact_match``). Multiple-choice data (commonsense sets, ``--choices_column``) is scored by length-normalized
+    log-likelihood and its generations parsed for the option; it also keeps per-item correctness (``items``:
+    ``{"mc": [...], "gen": [...]}`` per set) and the fraction of generations that give no option (``no_answer``).
+    Built-in synthetic tasks keep the summed log-likelihood and exact match."""
+    from gallop.commonsense import parse_choice
+    from gallop.evaluation import accuracy, exact_match, generate_texts, normalized_predictions
+
+    acc: dict[str, float] = {}
+    gen: dict[str, float] = {}
+    items: dict[str, dict[str, list[int]]] = {}
+    no_answer: dict[str, float] = {}
+    for name, examples in evals.items():
+        if name not in args.mc_names:
+            acc[name] = accuracy(model, tokenizer, examples)
+            if args.generative:
+                gen[name] = exact_match(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
+            continue
+        right = [int(p == ex.label) for p, ex in zip(normalized_predictions(model, tokenizer, examples), examples)]
+        acc[name] = sum(right) / len(right)
+        items[name] = {"mc": right}
+        if args.generative:
+            texts = generate_texts(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
+            parsed = [parse_choice(t, ex.choices) for t, ex in zip(texts, examples)]
+            items[name]["gen"] = [int(p == ex.label) for p, ex in zip(parsed, examples)]
+            gen[name] = sum(items[name]["gen"]) / len(parsed)
+            no_answer[name] = sum(p is None for p in parsed) / len(parsed)
+    out: dict[str, Any] = {"acc": acc, "exact_match": gen if args.generative else None}
+    if items:
+        out["items"] = items
+    if no_answer:
+        out["no_answer"] = no_answer
+    return out
+
+
+def base_lr(args: ExperimentArguments, method: str) -> float:
+    """A method's learning rate before ``--lr_scales``: the winner of its sweep (``--lr_from``) or its family's."""
+    if args.lr_from:
+        picked = pick_learning_rates(load_results(args.lr_from))
+        if method not in picked:
+            raise ValueError(f"--lr_from {args.lr_from}: the sweep has no finished run of {method!r}; sweep it first")
+        return picked[method]
+    return {"lora": args.lr_lora, "dora": args.lr_lora, "full": args.lr_full}.get(method, args.lr_sparse)
+
+
+def pick_learning_rates(rows: list[dict]) -> dict[str, float]:
+    """Per method, the learning rate with the highest validation ID accuracy averaged over the sweep's rounds and
+    seeds (only rows evaluated on the validation split count; a diverged run counts as 0; ties go to the lower rate)."""
+    by: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("eval_split", "test") == "validation":
+            by[r["method"]][r["lr"]].append(0.0 if r.get("diverged") else r["id_acc"])
+    return {m: max(sorted(lrs), key=lambda lr: statistics.fmean(lrs[lr])) for m, lrs in by.items()}
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -274,21 +446,23 @@ def run_one(
     train_task: str,
     seed: int,
     evals: dict[str, list],
+    lr: float | None = None,
 ) -> dict[str, Any]:
-    """Train a copy of ``base`` with ``method`` at the ``rank`` budget on ``train_task``; evaluate on ``evals``."""
+    """Train a copy of ``base`` with ``method`` at the ``rank`` budget on ``train_task`` at learning rate ``lr``
+    (default: its family's); evaluate on ``evals``."""
     import torch
 
     from gallop import GallopConfig, SparseAdamW, SparseModel, mean_gradients, select
     from gallop.calibrate import calibration_subset
     from gallop.data import batches
-    from gallop.evaluation import accuracy, exact_match
 
+    lr = base_lr(args, method) if lr is None else lr
     torch.manual_seed(seed)
     device = next(base.parameters()).device
     _reset_peak_memory(device)
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
-    train = _examples(train_task, "train", args.train_examples)
+    train = _examples(train_task, "train", args.train_examples, args)
     epochs = math.ceil(args.steps * args.batch_size / len(train)) + 1
     stream = batches(tokenizer, train, args.batch_size, epochs=epochs, seed=seed)
     budget = lora_trainable(model, rank)
@@ -308,9 +482,9 @@ def run_one(
             sparse,
             sparse.trainable_parameters(),
             stream,
-            args.lr_sparse,
+            lr,
             args.steps,
-            SparseAdamW(sparse, lr=args.lr_sparse),
+            SparseAdamW(sparse, lr=lr),
         )
         run_model: Any = sparse
     elif method in ("lora", "dora"):
@@ -324,16 +498,15 @@ def run_one(
         )
         params = [p for p in peft_model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
-        losses = _train(peft_model, params, stream, args.lr_lora, args.steps)
+        losses = _train(peft_model, params, stream, lr, args.steps)
         run_model = peft_model
     else:
         params = [p for p in model.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
-        losses = _train(model, params, stream, args.lr_full, args.steps)
+        losses = _train(model, params, stream, lr, args.steps)
         run_model = model
     train_s = time.perf_counter() - t0
-    acc = {t: accuracy(run_model, tokenizer, ex) for t, ex in evals.items()}
-    gen = {t: exact_match(run_model, tokenizer, ex) for t, ex in evals.items()} if args.generative else None
+    scored = evaluate_all(run_model, tokenizer, args, evals)
     record = {
         "method": method,
         "rank": rank,
@@ -344,11 +517,10 @@ def run_one(
         "seed": seed,
         "losses": losses,
         "train_s": train_s,
-        "acc": acc,
-        "exact_match": gen,
+        **scored,
         "wall_s": time.perf_counter() - t0,
         "peak_mem_mb": _peak_memory_mb(device),
-        "lr": {"lora": args.lr_lora, "dora": args.lr_lora, "full": args.lr_full}.get(method, args.lr_sparse),
+        "lr": lr,
         "steps": args.steps,
     }
     del run_model, model
@@ -377,11 +549,17 @@ def metrics(record: dict, vanilla: dict, train_task: str, eval_names: list[str])
         gen_ood = {t: record["exact_match"][t] for t in ood_names}
         out["ood_exact_match"] = gen_ood
         out["collapse_rate_generative"] = collapse_rate(gen_ood) if gen_ood else None
+        out["id_exact_match"] = record["exact_match"][train_task]
+        if vanilla.get("exact_match"):
+            out["vanilla_ood_exact_match"] = (
+                statistics.fmean(vanilla["exact_match"][t] for t in ood_names) if ood_names else None
+            )
     return out
 
 
-def _run_id(method: str, rank: int, task: str, seed: int) -> str:
-    return f"{method}|r{rank}|{_task_name(task)}|s{seed}"
+def _run_id(method: str, rank: int, task: str, seed: int, lr_scale: float = 1.0) -> str:
+    scale = "" if lr_scale == 1 else f"|x{lr_scale:g}"
+    return f"{method}|r{rank}|{_task_name(task)}|s{seed}{scale}"
 
 
 def _done(path: Path) -> set[str]:
@@ -440,7 +618,6 @@ def run_experiment(args: ExperimentArguments) -> Path:
     import torch
 
     from gallop.adapters import atomic_write_text
-    from gallop.evaluation import accuracy, exact_match
     from gallop.models import load_model
 
     args.apply_quick()
@@ -449,15 +626,16 @@ def run_experiment(args: ExperimentArguments) -> Path:
     out = Path(args.out)
     results = out / "results.jsonl"
     runs = [
-        (seed, task, method, rank)
+        (seed, task, method, rank, scale)
         for seed in args.seed_list()
         for task in args.task_list()
         for method in args.method_list()
         for rank in ([0] if method == "full" else args.rank_list())
+        for scale in args.lr_scale_list()
     ]
     check_protocol(args, out)
     done = _done(results)
-    todo = [r for r in runs if _run_id(r[2], r[3], r[1], r[0]) not in done]
+    todo = [r for r in runs if _run_id(r[2], r[3], r[1], r[0], r[4]) not in done]
     logger.info("%d runs, %d already done, %d to go", len(runs), len(runs) - len(todo), len(todo))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "args.json", json.dumps(dataclasses.asdict(args), indent=1))
@@ -468,24 +646,48 @@ def run_experiment(args: ExperimentArguments) -> Path:
     base.eval()
     check_budgets(base, args)
     eval_tasks = [*args.task_list(), *[t for t in args.probe_list() if t not in args.task_list()]]
-    evals = {_task_name(t): _examples(t, "test", args.eval_examples) for t in eval_tasks}
+    evals = {_task_name(t): _examples(t, "test", args.eval_examples, args) for t in eval_tasks}
     vanilla_path = out / "vanilla.json"  # per task, kept across invocations (one protocol per folder)
     vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else {"acc": {}, "exact_match": None}
     missing = [t for t in evals if t not in vanilla["acc"]]
-    if missing:
-        vanilla["acc"].update({t: accuracy(base, tokenizer, evals[t]) for t in missing})
+    if missing:  # each set's vanilla evaluation runs once per results folder
+        scored = evaluate_all(base, tokenizer, args, {t: evals[t] for t in missing})
+        vanilla["acc"].update(scored["acc"])
         if args.generative:
-            vanilla["exact_match"] = {
-                **(vanilla["exact_match"] or {}),
-                **{t: exact_match(base, tokenizer, evals[t]) for t in missing},
-            }
+            vanilla["exact_match"] = {**(vanilla["exact_match"] or {}), **scored["exact_match"]}
+        for key in ("items", "no_answer"):
+            if key in scored:
+                vanilla[key] = {**vanilla.get(key, {}), **scored[key]}
         atomic_write_text(vanilla_path, json.dumps(vanilla, indent=1))
     logger.info("model and vanilla evaluation: %.0f s", time.perf_counter() - t0)
-    for i, (seed, task, method, rank) in enumerate(todo):
-        record = run_one(base, tokenizer, args, method, rank, task, seed, evals)
+    for i, (seed, task, method, rank, scale) in enumerate(todo):
+        run_id = _run_id(method, rank, task, seed, scale)
+        lr = base_lr(args, method) * scale
+        try:
+            record = run_one(base, tokenizer, args, method, rank, task, seed, evals, lr)
+        except FloatingPointError as e:  # a sweep's too-high rate: kept as a row, never picked
+            logger.warning("%s diverged at lr %g: %s", run_id, lr, e)
+            _append(
+                results,
+                {
+                    "run_id": run_id,
+                    "model": args.model,
+                    "method": method,
+                    "rank": rank,
+                    "train_task": _task_name(task),
+                    "seed": seed,
+                    "lr": lr,
+                    "lr_scale": scale,
+                    "eval_split": args.eval_split,
+                    "diverged": True,
+                },
+            )
+            continue
         row = {
-            "run_id": _run_id(method, rank, task, seed),
+            "run_id": run_id,
             "model": args.model,
+            "eval_split": args.eval_split,
+            "lr_scale": scale,
             **record,
             **metrics(record, vanilla, _task_name(task), list(evals)),
         }
@@ -536,8 +738,12 @@ def load_results(out: str | Path) -> list[dict]:
 
 
 def write_report(out: str | Path) -> Path:
-    """``report.md`` (per-method means and standard deviations over seeds and tasks) and two PNG plots."""
+    """``report.md`` (per-method means and standard deviations over seeds and tasks) and the PNG plots; a sweep's
+    folder (rows evaluated on the validation split) gets the sweep's report instead (``write_sweep_report``)."""
     rows = load_results(out)
+    if any(r.get("eval_split") == "validation" for r in rows):
+        return write_sweep_report(out)
+    rows = [r for r in rows if not r.get("diverged")]
     out = Path(out)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -585,6 +791,8 @@ def write_report(out: str | Path) -> Path:
         + " |"
     )
     lines += _per_ood_task_table(groups, order, out)
+    lines += _generative_table(groups, order)
+    lines += _bootstrap_tables(groups, order)
     plots = _plots(groups, order, out)
     if plots:
         lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
@@ -658,3 +866,159 @@ def _plots(groups, order, out: Path) -> list[Path]:
     fig.savefig(p2, dpi=120)
     plt.close(fig)
     return [p1, p2]
+
+
+# ------------------------------------------------------------------------------------------------ commonsense report
+def _generative_table(groups, order) -> list[str]:
+    """Generative scores per method (runs with ``--generative``): the paper's collapse rate, the fraction of OOD
+    outputs that give no option, and the generative ID / OOD accuracy."""
+    keys = [k for k in order if any(r.get("exact_match") for r in groups[k])]
+    if not keys:
+        return []
+    lines = [
+        "",
+        "## Generation (greedy, parsed for the option): collapse and answers given",
+        "",
+        "Collapse rate: the fraction of a round's OOD sets whose generative accuracy, floored in percent, is 0. "
+        "No answer: the fraction of OOD outputs that name no option.",
+        "",
+        "| method | rank | ID gen acc | OOD gen acc | collapse rate | no answer (OOD) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        g = [r for r in groups[key] if r.get("exact_match")]
+        no_answer = [
+            statistics.fmean(v for t, v in r["no_answer"].items() if t != r["train_task"])
+            for r in g
+            if len(r.get("no_answer", {})) > 1
+        ]
+        ood = [statistics.fmean(r["ood_exact_match"].values()) for r in g if r.get("ood_exact_match")]
+        lines.append(
+            f"| {key[0]} | {key[1] or '-'} | {_mean_sd([r.get('id_exact_match') for r in g])} | {_mean_sd(ood)} | "
+            f"{_mean_sd([r.get('collapse_rate_generative') for r in g])} | {_mean_sd(no_answer)} |"
+        )
+    return lines
+
+
+def _item_scores(rows: list[dict], which: str, score: str) -> dict[str, list[float]]:
+    """Per round (training set), per-item correctness averaged over seeds: ``which`` is ``id`` (the round's own
+    test items) or ``ood`` (the other sets' items, concatenated in name order)."""
+    by_round: dict[str, list[list[int]]] = defaultdict(list)
+    for r in rows:
+        items = r.get("items") or {}
+        if which == "id":
+            vec = items.get(r["train_task"], {}).get(score)
+        else:
+            parts = [items[t].get(score) for t in sorted(items) if t != r["train_task"]]
+            vec = None if any(p is None for p in parts) or not parts else [x for p in parts for x in p]
+        if vec is not None:
+            by_round[r["train_task"]].append(vec)
+    return {t: [statistics.fmean(col) for col in zip(*vecs)] for t, vecs in by_round.items()}
+
+
+def _bootstrap_tables(groups, order) -> list[str]:
+    """95% paired bootstrap intervals of each method's difference from LoRA and from gallop (same rank), over test
+    items, on the rounds both ran, every round weighted equally (``paired_bootstrap``)."""
+    from .evaluate import paired_bootstrap
+
+    lines: list[str] = []
+    for ref in ("lora", "gallop"):
+        rows_out = []
+        for key in order:
+            ref_key = (ref, key[1])
+            if key[0] == ref or ref_key not in groups:
+                continue
+            cells = []
+            for which in ("id", "ood"):
+                a, b = _item_scores(groups[key], which, "mc"), _item_scores(groups[ref_key], which, "mc")
+                common = sorted(set(a) & set(b))
+                if not common:
+                    cells.append("n/a")
+                    continue
+                d, lo, hi = paired_bootstrap({t: a[t] for t in common}, {t: b[t] for t in common})
+                cells.append(f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] ({len(common)} rounds)")
+            if cells != ["n/a", "n/a"]:
+                rows_out.append(f"| {key[0]} | {key[1] or '-'} | {cells[0]} | {cells[1]} |")
+        if rows_out:
+            lines += [
+                "",
+                f"## Difference from {ref} (points, 95% paired bootstrap interval over test items)",
+                "",
+                "| method | rank | ID | OOD |",
+                "|---|---|---|---|",
+                *rows_out,
+            ]
+    return lines
+
+
+def write_sweep_report(out: str | Path) -> Path:
+    """A learning-rate sweep's ``report.md``: every learning rate of every method with its validation ID accuracy
+    and OOD change (all rows kept, diverged runs counted), the rate each method picks (``pick_learning_rates``), and
+    a plot of ID accuracy against OOD change per learning rate."""
+    rows = load_results(out)
+    out = Path(out)
+    picked = pick_learning_rates(rows)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["rank"], r["lr"])].append(r)
+    order = sorted(groups, key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else 99, k[1], k[2]))
+    lines = [
+        f"# Learning-rate sweep: {rows[0].get('model', '?')}",
+        "",
+        "Evaluated on the validation split (the test split picks nothing). Each method runs at the learning rate with "
+        "the highest mean validation ID accuracy (`picked`); a diverged run counts as 0.",
+        "",
+        "| method | rank | lr | runs | diverged | ID acc | OOD Δ | picked |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in order:
+        g = [r for r in groups[key] if not r.get("diverged")]
+        lines.append(
+            f"| {key[0]} | {key[1] or '-'} | {key[2]:g} | {len(groups[key])} | {len(groups[key]) - len(g)} | "
+            f"{_mean_sd([r['id_acc'] for r in g])} | {_mean_sd([_ood_change(r) for r in g])} | "
+            f"{'yes' if picked.get(key[0]) == key[2] else ''} |"
+        )
+    plot = _sweep_plot(groups, order, out)
+    if plot:
+        lines += ["", f"![{plot.stem}]({plot.name})"]
+    (out / "lr_picked.json").write_text(json.dumps(picked, indent=1), encoding="utf-8")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _sweep_plot(groups, order, out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in dict.fromkeys(k[0] for k in order):
+        pts = []
+        for key in (k for k in order if k[0] == method):
+            g = [r for r in groups[key] if not r.get("diverged") and _ood_change(r) is not None]
+            if g:
+                pts.append(
+                    (
+                        key[2],
+                        100 * statistics.fmean(map(_ood_change, g)),
+                        100 * statistics.fmean(r["id_acc"] for r in g),
+                    )
+                )
+        if pts:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=method)
+            for lr, x, y in pts:
+                ax.annotate(f"{lr:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.axvline(0.0, color="grey", lw=1, ls="--")
+    ax.set_xlabel("OOD accuracy change vs vanilla (points, validation)")
+    ax.set_ylabel("ID accuracy (%, validation)")
+    ax.legend(fontsize=8)
+    ax.set_title("Learning-rate sweep: ID accuracy against OOD change, one point per rate", fontsize=9)
+    fig.tight_layout()
+    path = out / "lr_sweep.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
