@@ -262,6 +262,7 @@ def load_records(spec: str, split: str = "train", **kwargs: Any) -> list[dict]:
         ValueError,
         json.JSONDecodeError,
         datasets.exceptions.DatasetNotFoundError,
+        datasets.exceptions.DatasetGenerationError,  # e.g. a JSON column mixing numbers and strings (datasets 3)
     ) as e:  # OSError: offline
         raise ValueError(f"cannot load the dataset {spec!r} (split {split!r}): {e}") from None
     return [dict(r) for r in ds]
