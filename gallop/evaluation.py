@@ -73,6 +73,11 @@ def _cache_argument(model: nn.Module) -> str | None:
     return next((name for name in ("past_key_values", "cache") if name in params), None)
 
 
+def _one_logit(model: nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where ``model.forward`` takes it (transformers >= 4.50), else nothing."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _shared_prefix(rows: list[tuple[list[int], int]]) -> int:
     """How many leading tokens all of one example's choice rows share, at most up to the first scored token."""
     if not rows:
@@ -118,6 +123,7 @@ def _score_prefixed(
         attention_mask=prefix_mask.to(device),
         position_ids=positions.to(device),
         use_cache=True,
+        **_one_logit(model),  # the prefix's logits go unused: skip the vocabulary projection where the model can
     )
     cache = getattr(prefix_out, cache_name)
     owner = [i for i, (_, rows, _) in enumerate(chunk) for _ in rows]
