@@ -40,7 +40,9 @@ def choice_logprobs(
     shared = [_shared_prefix(r) for r in rows]
     straight = [e for e in range(len(rows)) if not cached or shared[e] < 2 or not rows[e]]
     prefixed = sorted((e for e in range(len(rows)) if cached and shared[e] >= 2 and rows[e]), key=shared.__getitem__)
-    batches, batch, n_rows = [], [], 0
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    n_rows = 0
     for e in prefixed:  # whole examples, at most batch_size choice rows (one example may exceed it alone)
         if batch and n_rows + len(rows[e]) > batch_size:
             batches.append(batch)
@@ -54,7 +56,9 @@ def choice_logprobs(
     try:
         pairs = [(e, c, row, n) for e in straight for c, (row, n) in enumerate(rows[e])]
         pairs.sort(key=lambda p: len(p[2]))
-        steps = [("straight", pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
+        steps: list[tuple[str, list[Any]]] = [
+            ("straight", pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)
+        ]
         steps += [("prefixed", b) for b in batches]
         for kind, chunk in progress_bar(steps, desc=desc, disable=not progress, leave=False):
             if kind == "straight":
