@@ -1,6 +1,8 @@
 """Accuracy by the log-likelihood of each choice and generative exact match, on a tiny random Llama and on a model
 whose replies are fixed."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -47,6 +49,52 @@ def test_choice_logprobs_sum_the_choice_tokens_in_padded_batches():
     assert [len(g) for g in got] == [3, 2, 2]
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=1e-4)
+
+
+MANY = [
+    *EXAMPLES,
+    Example("Which animal barks?\nA. cat\nB. dog\nC. cow\nD. hen\nAnswer:", ("A", "B", "C", "D"), 1),
+    Example("Finish: the sky is", ("blue", "green and wide", "x", "a very long continuation here"), 0),
+    Example("Q", ("it", "is"), 0, sep=""),  # the choices differ from their first token: nothing beyond "Q" shared
+    Example("Same start:", ("ab", "ac", "abc"), 2),
+]
+
+
+class _NoCache(nn.Module):
+    """A causal LM wrapper whose forward takes no ``past_key_values``: scored by running every full row."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask):
+        self.calls += 1
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_shared_prompt_scoring_equals_running_each_full_row(batch_size):
+    model = llama()
+    calls: list[bool] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("past_key_values", kwargs.get("cache")) is not None)
+        return forward(*args, **kwargs)
+
+    model.forward = spy  # records whether a cache came in; the signature stays the original's
+    model.forward.__signature__ = inspect.signature(forward)
+    got = choice_logprobs(model, TOK, MANY, batch_size=batch_size)
+    want = [[_by_hand(model, ex.prompt, c, ex.sep) for c in ex.choices] for ex in MANY]
+    tol = 64 * torch.finfo(torch.float32).eps * max(abs(v) for w in want for v in w)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=tol)
+    assert any(calls)  # the cached path ran (choices after a shared prompt)
+    plain = _NoCache(model)
+    for g, w in zip(choice_logprobs(plain, TOK, MANY, batch_size=batch_size), want):
+        assert g == pytest.approx(w, abs=tol)
+    assert plain.calls > 0
 
 
 def test_accuracy_counts_the_highest_likelihood_choice_and_keeps_the_mode():
