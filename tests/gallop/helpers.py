@@ -102,3 +102,20 @@ def enable_checkpointing(model, reentrant: bool = False) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def spawn_ranks(worker, args: tuple, world: int, deadline_s: float = 300) -> None:
+    """Run ``worker(rank, *args)`` on ``world`` processes; a hang in torch.distributed fails the test after
+    ``deadline_s`` instead of stalling CI (the ranks are killed)."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + deadline_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} ranks did not finish within {deadline_s} s (a hang in torch.distributed)")

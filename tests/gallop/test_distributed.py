@@ -7,17 +7,15 @@ Two CPU processes with the gloo backend, spawned once per kernel backend; every 
 
 import gc
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gallop import GallopConfig, SparseAdamW, SparseModel, mean_gradients, select
 
 from ..models import random_batches, tiny
-from .helpers import adam_tol
+from .helpers import adam_tol, spawn_ranks
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -86,13 +84,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    ctx = mp.spawn(_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {DEADLINE_S} s (a hang in torch.distributed)")
+    spawn_ranks(_worker, (WORLD, str(tmp_path / "store"), str(tmp_path)), WORLD, DEADLINE_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     # one process on all the data

@@ -302,20 +302,9 @@ def _ddp_worker(rank: int, world: int, store: str, folder: str, out: str) -> Non
 
 @pytest.mark.slow
 def test_ddp_on_two_gloo_ranks_equals_one_process(base_folder, tmp_path):
-    import time
+    from .helpers import adam_tol, spawn_ranks
 
-    import torch.multiprocessing as mp
-
-    from .helpers import adam_tol
-
-    args = (WORLD, str(tmp_path / "store"), str(base_folder), str(tmp_path))
-    ctx = mp.spawn(_ddp_worker, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {DEADLINE_S} s (a hang in torch.distributed)")
+    spawn_ranks(_ddp_worker, (WORLD, str(tmp_path / "store"), str(base_folder), str(tmp_path)), WORLD, DEADLINE_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = load(base_folder, "nf4")
